@@ -1,0 +1,170 @@
+"""``save`` and ``load``: collective, atomic, resharding checkpoints of a model and its LionSF."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from lion_sf_dist.checkpoint import comm, meta, store
+from lion_sf_dist.checkpoint.collect import Snapshot, dcp_state, snapshot
+from lion_sf_dist.checkpoint.errors import CheckpointCorruptError, CheckpointError
+
+PathLike = Union[str, Path]
+
+
+def save(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+         extra: Any = None, *, keep: Optional[int] = 3) -> Path:
+    """Write a checkpoint of ``model`` and ``optimizer`` under the directory ``path``; collective.
+
+    Every rank of the job calls it with its own (sharded or replicated) model and optimizer;
+    each rank writes only the pieces it holds (DCP writes a replicated tensor once), nothing
+    is gathered. The checkpoint lands in ``path/ckpt-<N>`` (``N`` one above the newest), is
+    written into a temporary directory and renamed when complete, so a crash at any point
+    leaves the previous checkpoint as the newest loadable one. Afterwards only the newest
+    ``keep`` checkpoints are kept (``None``: all).
+
+    Args:
+        path: root directory of this run's checkpoints (created if needed).
+        model: the module as trained: plain, DDP, FSDP2 (``fully_shard``), ``torch.compile``d,
+            or a DeepSpeed engine.
+        optimizer: the :class:`~lion_sf_dist.LionSF` stepping ``model`` (its ``exp_avg``,
+            per-unit ``agreement_ema`` and hyper-parameters are saved), or ``None`` to save
+            the parameters only.
+        extra: anything ``torch.save`` can pickle: step counter, data position, RNG states.
+            Rank 0's value is stored and returned by :func:`load` on every rank.
+        keep: how many complete checkpoints to keep, at least 1.
+
+    Returns:
+        The directory of the new checkpoint.
+    """
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep must be >= 1 or None, got {keep}")
+    snap = snapshot(model, optimizer)
+    description = meta.describe(snap, optimizer, comm.world_size(), extra is not None)
+    root = Path(path)
+    tmp, final = comm.on_rank0(lambda: store.begin(root))
+    dcp.save(dcp_state(snap), storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=not comm.distributed())
+
+    def seal() -> None:
+        store.write_durable(tmp / store.META, json.dumps(description, indent=1).encode())
+        buf = io.BytesIO()
+        torch.save(extra, buf)
+        store.write_durable(tmp / store.EXTRA, buf.getvalue())
+        store.commit(tmp, final, keep)
+
+    comm.on_rank0(seal)
+    return final
+
+
+def latest(path: PathLike) -> Path:
+    """The newest complete checkpoint directory under ``path`` (or ``path`` itself if it is one)."""
+    return store.resolve(Path(path))
+
+
+def load(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
+         optimizer_state: bool = True, hparams: str = "running", weights_only: bool = True) -> Any:
+    """Restore ``model`` (and ``optimizer``) in place from a checkpoint; collective; returns ``extra``.
+
+    ``path`` is a root directory given to :func:`save` (its newest complete checkpoint is
+    loaded) or one checkpoint directory. The checkpoint may come from any world size and any
+    supported layout: each rank reads the pieces its own layout needs (resharding). With no
+    process group it loads in a single process.
+
+    Restart modes:
+
+    - hot restart (default): parameters, buffers, ``exp_avg`` and ``agreement_ema`` are
+      restored exactly; training continues as if uninterrupted.
+    - fresh-state restart: ``optimizer_state=False`` (or ``optimizer=None``) restores the
+      parameters and buffers only; a given optimizer gets zero ``exp_avg`` and a fresh
+      agreement average. For a changed optimizer, or a model that gained parameters only in
+      the optimizer's view (frozen then unfrozen). LionSF needs no warm-up either way.
+
+    Args:
+        hparams: which hyper-parameters win where the checkpoint's and the running
+            optimizer's differ: ``"running"`` (default, with a warning listing them),
+            ``"checkpoint"`` (copied into the running optimizer), ``"error"`` (raise).
+        weights_only: unpickle ``extra`` with ``torch.load(weights_only=...)``; pass ``False``
+            for objects beyond tensors and Python containers (e.g. NumPy RNG states) from a
+            checkpoint you trust.
+
+    Raises:
+        CheckpointNotFoundError: ``path`` is missing or holds no complete checkpoint.
+        CheckpointCorruptError: a file is missing, truncated or unreadable (named).
+        ModelMismatchError: parameters or buffers missing, extra or reshaped (named).
+        OptimizerMismatchError: no saved optimizer state, another optimizer class, a parameter
+            without saved ``exp_avg``, or (``hparams="error"``) differing hyper-parameters.
+    """
+    ckpt, saved, extra_bytes = comm.on_rank0(lambda: _open(Path(path)))
+    where = f"checkpoint {str(ckpt)!r}"
+    hot = optimizer_state and optimizer is not None
+    snap = snapshot(model, optimizer)
+    meta.check_model(saved, snap, where)
+    if hot:
+        meta.check_optimizer(saved, snap, optimizer, where)
+        meta.reconcile(saved, snap, optimizer, hparams, where)
+        _prepare_ema(snap, saved, optimizer)
+    state = dcp_state(snap, optimizer_state=hot)
+    try:
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(ckpt)), no_dist=not comm.distributed())
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
+        raise CheckpointCorruptError(f"{where}: reading the tensors failed: {e}") from e
+    if hot:
+        _install_ema(snap, optimizer)
+    elif optimizer is not None:
+        _fresh_state(snap, optimizer)
+    return _unpickle(extra_bytes, weights_only, where)
+
+
+def _open(path: Path) -> tuple[Path, dict[str, Any], bytes]:
+    ckpt = store.resolve(path)
+    store.verify(ckpt)
+    try:
+        saved = json.loads((ckpt / store.META).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointCorruptError(f"checkpoint {str(ckpt)!r}: unreadable {store.META} ({e})") from e
+    meta.check_format(saved, f"checkpoint {str(ckpt)!r}")
+    return ckpt, saved, (ckpt / store.EXTRA).read_bytes()
+
+
+def _unpickle(data: bytes, weights_only: bool, where: str) -> Any:
+    try:
+        return torch.load(io.BytesIO(data), weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{where}: extra holds objects that weights_only=True refuses ({e}); "
+                              "pass weights_only=False to load(), for a checkpoint you trust") from e
+
+
+def _prepare_ema(snap: Snapshot, saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """Load targets for the saved per-unit agreement averages the running optimizer uses."""
+    stored = set(saved["optimizer"].get("agreement_ema_state", []))
+    wanted = getattr(optimizer, "agreement_ema", False)
+    held = {n for names in snap.optimizer_names for n in names}
+    snap.ema = {n: torch.zeros((), dtype=torch.float32) for n in held & stored} if wanted else {}
+
+
+def _install_ema(snap: Snapshot, optimizer: torch.optim.Optimizer) -> None:
+    by_name = _params_by_name(snap, optimizer)
+    for p in by_name.values():
+        optimizer.state[p].pop("agreement_ema", None)
+    for name, value in snap.ema.items():
+        optimizer.state[by_name[name]]["agreement_ema"] = value
+
+
+def _fresh_state(snap: Snapshot, optimizer: torch.optim.Optimizer) -> None:
+    """Zero ``exp_avg`` and drop the agreement averages: the optimizer starts afresh."""
+    for p in _params_by_name(snap, optimizer).values():
+        state = optimizer.state[p]
+        if "exp_avg" in state:
+            state["exp_avg"].zero_()
+        state.pop("agreement_ema", None)
+
+
+def _params_by_name(snap: Snapshot, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    return {n: p for names, g in zip(snap.optimizer_names, optimizer.param_groups) for n, p in zip(names, g["params"])}

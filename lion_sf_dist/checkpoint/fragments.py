@@ -1,0 +1,90 @@
+"""Contiguous ranges of a flattened tensor as rectangular boxes, and as DCP ShardedTensors.
+
+ZeRO-style layouts hold each parameter as 1-D fragments: elements ``[start, end)`` of the
+row-major flattened tensor. DCP stores rectangular chunks of the logical (N-D) tensor, so a
+fragment is cut into at most ``2 * ndim - 1`` boxes, each a contiguous slice of the fragment.
+The checkpoint then holds the same logical tensor whatever the layout that wrote it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
+
+
+@dataclass
+class Fragments:
+    """This rank's pieces of one logical tensor: ``(start, flat)`` with ``flat`` a 1-D view of
+    elements ``[start, start + flat.numel())`` of the row-major flattened tensor of ``shape``."""
+
+    shape: torch.Size
+    pieces: list[tuple[int, Tensor]] = field(default_factory=list)
+
+
+def flat_range_boxes(shape: Sequence[int], start: int, end: int) -> list[Box]:
+    """Boxes covering elements ``[start, end)`` of a row-major tensor of ``shape``, in flat order."""
+    shape = tuple(shape)
+    if not 0 <= start <= end <= math.prod(shape):
+        raise ValueError(f"range [{start}, {end}) outside a tensor of shape {shape}")
+    if start == end:
+        return []
+    if len(shape) <= 1:
+        return [((start,), (end - start,))] if shape else [((), ())]
+    row = math.prod(shape[1:])
+    r0, c0 = divmod(start, row)
+    r1, c1 = divmod(end, row)
+    inner = shape[1:]
+    if r0 == r1:
+        return [((r0, *o), (1, *s)) for o, s in flat_range_boxes(inner, c0, c1)]
+    boxes: list[Box] = []
+    if c0:
+        boxes += [((r0, *o), (1, *s)) for o, s in flat_range_boxes(inner, c0, row)]
+        r0 += 1
+    if r1 > r0:
+        boxes.append(((r0,) + (0,) * len(inner), (r1 - r0, *inner)))
+    if c1:
+        boxes += [((r1, *o), (1, *s)) for o, s in flat_range_boxes(inner, 0, c1)]
+    return boxes
+
+
+def fragment_boxes(frag: Fragments) -> list[tuple[Box, Tensor]]:
+    """Every box of ``frag``'s pieces with its data: a view of the piece shaped like the box."""
+    out = []
+    for start, flat in frag.pieces:
+        pos = 0
+        for offsets, sizes in flat_range_boxes(frag.shape, start, start + flat.numel()):
+            n = math.prod(sizes)
+            out.append(((offsets, sizes), flat[pos:pos + n].view(sizes)))
+            pos += n
+    return out
+
+
+def sharded_tensor(frag: Fragments, boxes_by_rank: Sequence[Sequence[Box]], rank: int, dtype: torch.dtype):
+    """A DCP-writable (and -loadable) ShardedTensor whose local shards are views of ``frag``.
+
+    ``boxes_by_rank[r]`` lists rank ``r``'s boxes of this tensor (every rank's, gathered),
+    which ShardedTensor needs as global metadata.
+    """
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata
+    from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
+
+    local = fragment_boxes(frag)
+    device = local[0][1].device if local else torch.device("cpu")
+    shards_md, shards = [], []
+    for r, boxes in enumerate(boxes_by_rank):
+        for offsets, sizes in boxes:
+            md = ShardMetadata(shard_offsets=list(offsets), shard_sizes=list(sizes), placement=f"rank:{r}/{device}")
+            shards_md.append(md)
+    for (offsets, sizes), data in local:
+        md = ShardMetadata(shard_offsets=list(offsets), shard_sizes=list(sizes), placement=f"rank:{rank}/{device}")
+        shards.append(Shard(tensor=data, metadata=md))
+    meta = ShardedTensorMetadata(shards_metadata=shards_md, size=frag.shape,
+                                 tensor_properties=TensorProperties(dtype=dtype))
+    return ShardedTensor._init_from_local_shards_and_global_metadata(shards, meta)

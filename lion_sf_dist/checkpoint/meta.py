@@ -1,0 +1,140 @@
+"""The checkpoint's description (``meta.json``) and its comparison with the running job.
+
+Stored: the logical name, shape and dtype of every parameter and buffer; the optimizer's
+class, its LionSF hyper-parameters and param groups (by parameter name); which parameters
+have optimizer state. Loading compares these with the running model and optimizer and
+raises an error naming the first cause it finds.
+
+Hyper-parameters: **the running optimizer wins** by default (``hparams="running"``): the
+code that builds it is the newest intent (a lowered ``lr`` on restart is deliberate), and
+each difference is reported in one warning. ``hparams="checkpoint"`` copies the saved
+values (``lr``, ``betas``, ``weight_decay`` per group; ``pow``, ``negative``,
+``decoupled_weight_decay``, ``initial_lr``) into the running optimizer; ``hparams="error"``
+raises on any difference. ``agreement`` and ``agreement_ema`` decide the optimizer's
+structure and are never copied: the running values apply (a changed ``agreement`` with
+``agreement_ema`` takes each new unit's average from its first parameter).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+
+from lion_sf_dist.checkpoint.collect import Snapshot
+from lion_sf_dist.checkpoint.errors import CheckpointError, ModelMismatchError, OptimizerMismatchError
+
+FORMAT = "lion_sf_dist.checkpoint"
+VERSION = 1
+OPT_SCALARS = ("initial_lr", "pow", "negative", "decoupled_wd", "agreement", "agreement_ema")
+COPYABLE_SCALARS = ("initial_lr", "pow", "negative", "decoupled_wd")
+GROUP_KEYS = ("lr", "betas", "weight_decay")
+HPARAM_POLICIES = ("running", "checkpoint", "error")
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def describe_optimizer(snap: Snapshot, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Class, LionSF hyper-parameters and param groups (by name) of ``optimizer``."""
+    return {
+        "class": type(optimizer).__name__,
+        **{k: _plain(getattr(optimizer, k, None)) for k in OPT_SCALARS},
+        "groups": [{"params": names, **{k: _plain(g[k]) for k in GROUP_KEYS if k in g}}
+                   for names, g in zip(snap.optimizer_names, optimizer.param_groups)],
+        "state": sorted(snap.exp_avg),
+        "agreement_ema_state": sorted(snap.ema),
+    }
+
+
+def describe(snap: Snapshot, optimizer: Optional[torch.optim.Optimizer], world_size: int,
+             extra: bool, user: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The ``meta.json`` of a checkpoint of ``snap``."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "layout": snap.kind,
+        "world_size": world_size,
+        "params": {n: {"shape": list(snap.shapes[n]), "dtype": snap.dtypes[n]} for n in snap.params},
+        "buffers": {n: {"shape": list(snap.shapes[n]), "dtype": snap.dtypes[n]} for n in snap.buffers},
+        "optimizer": describe_optimizer(snap, optimizer) if optimizer is not None else None,
+        "extra": extra,
+        **(user or {}),
+    }
+
+
+def check_format(meta: dict[str, Any], where: str) -> None:
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: not a {FORMAT} checkpoint (format {meta.get('format')!r})")
+    if meta.get("version", 0) > VERSION:
+        raise CheckpointError(f"{where}: written by a newer version ({meta['version']}) than this one ({VERSION})")
+
+
+def check_model(meta: dict[str, Any], snap: Snapshot, where: str) -> None:
+    """Raise :class:`ModelMismatchError` naming missing, extra or reshaped parameters and buffers."""
+    problems = []
+    for kind, saved, running in (("parameter", meta["params"], snap.params), ("buffer", meta["buffers"], snap.buffers)):
+        missing = [n for n in running if n not in saved]
+        extra = [n for n in saved if n not in running]
+        if missing:
+            problems.append(f"model {kind}(s) missing from the checkpoint: {missing}")
+        if extra:
+            problems.append(f"checkpoint {kind}(s) the model does not have: {extra}")
+        for n in running:
+            if n in saved and tuple(saved[n]["shape"]) != snap.shapes[n]:
+                problems.append(f"{kind} {n!r} has shape {tuple(saved[n]['shape'])} in the checkpoint "
+                                f"but {snap.shapes[n]} in the model")
+    if problems:
+        raise ModelMismatchError(f"{where} was written for a different model: " + "; ".join(problems))
+
+
+def check_optimizer(meta: dict[str, Any], snap: Snapshot, optimizer: torch.optim.Optimizer, where: str) -> None:
+    """Raise :class:`OptimizerMismatchError` unless the saved state fits ``optimizer`` (hot restart)."""
+    saved = meta["optimizer"]
+    fix = "; load with optimizer_state=False to restore the parameters only (fresh optimizer state)"
+    if saved is None:
+        raise OptimizerMismatchError(f"{where} holds no optimizer state (saved with optimizer=None){fix}")
+    if saved["class"] != type(optimizer).__name__:
+        raise OptimizerMismatchError(
+            f"{where} holds {saved['class']} state but the running optimizer is {type(optimizer).__name__}{fix}")
+    held = [n for names in snap.optimizer_names for n in names]
+    lacking = [n for n in held if n not in set(saved["state"])]
+    if lacking:
+        raise OptimizerMismatchError(f"{where} has no exp_avg for parameter(s) the optimizer holds: {lacking}{fix}")
+
+
+def reconcile(meta: dict[str, Any], snap: Snapshot, optimizer: torch.optim.Optimizer, policy: str, where: str) -> None:
+    """Compare saved and running hyper-parameters and apply ``policy`` (see the module docstring)."""
+    if policy not in HPARAM_POLICIES:
+        raise ValueError(f"hparams must be one of {HPARAM_POLICIES}, got {policy!r}")
+    saved = meta["optimizer"]
+    diffs: list[str] = []
+    for k in OPT_SCALARS:
+        running = _plain(getattr(optimizer, k, None))
+        if saved.get(k) != running:
+            kept = "" if k in COPYABLE_SCALARS else " (structural: the running value stays)"
+            diffs.append(f"{k}: checkpoint {saved.get(k)!r}, running {running!r}{kept}")
+            if policy == "checkpoint" and k in COPYABLE_SCALARS:
+                setattr(optimizer, k, saved[k])
+    saved_group = {n: g for g in saved["groups"] for n in g["params"]}
+    for i, (names, group) in enumerate(zip(snap.optimizer_names, optimizer.param_groups)):
+        src = next((saved_group[n] for n in names if n in saved_group), None)
+        if src is None:
+            continue
+        for k in GROUP_KEYS:
+            if k in group and k in src and _plain(group[k]) != src[k]:
+                diffs.append(f"group {i} {k}: checkpoint {src[k]!r}, running {_plain(group[k])!r}")
+                if policy == "checkpoint":
+                    group[k] = tuple(src[k]) if k == "betas" else src[k]
+    if not diffs:
+        return
+    if policy == "error":
+        raise OptimizerMismatchError(f"{where}: hyper-parameters differ from the running optimizer: " + "; ".join(diffs))
+    winner = "the checkpoint's values were applied" if policy == "checkpoint" else "the running optimizer's values apply"
+    warnings.warn(f"{where}: hyper-parameters differ ({winner}): " + "; ".join(diffs), stacklevel=3)
