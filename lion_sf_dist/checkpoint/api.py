@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import pickle
+import warnings
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -50,7 +52,8 @@ def save(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
     description = meta.describe(snap, optimizer, comm.world_size(), extra is not None)
     root = Path(path)
     tmp, final = comm.on_rank0(lambda: store.begin(root))
-    dcp.save(dcp_state(snap), storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=not comm.distributed())
+    with _quiet_single_process():
+        dcp.save(dcp_state(snap), storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=not comm.distributed())
 
     def seal() -> None:
         store.write_durable(tmp / store.META, json.dumps(description, indent=1).encode())
@@ -112,7 +115,8 @@ def load(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
         _prepare_ema(snap, saved, optimizer)
     state = dcp_state(snap, optimizer_state=hot)
     try:
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(ckpt)), no_dist=not comm.distributed())
+        with _quiet_single_process():
+            dcp.load(state, storage_reader=dcp.FileSystemReader(str(ckpt)), no_dist=not comm.distributed())
     except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
         raise CheckpointCorruptError(f"{where}: reading the tensors failed: {e}") from e
     if hot:
@@ -120,6 +124,14 @@ def load(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
     elif optimizer is not None:
         _fresh_state(snap, optimizer)
     return _unpickle(extra_bytes, weights_only, where)
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """Silence DCP's warning that it runs without a process group: that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def _open(path: Path) -> tuple[Path, dict[str, Any], bytes]:

@@ -1,0 +1,104 @@
+"""What each spawned world size does in the checkpoint tests: one spawn per world size.
+
+Each function runs on every rank (see ``tests/harness.py``) and returns full copies of the
+states it saved or loaded, compared in the pytest process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from lion_sf_dist import checkpoint
+from tests.checkpoint_cases import STEPS, Tiny, full_state, make_optimizer, train
+
+
+def fsdp2(world: int, seed: int = 0, out: int = 3) -> Any:
+    """:class:`Tiny` with ``fully_shard`` on each layer and the root, on all ranks."""
+    mesh = init_device_mesh("cpu", (world,))
+    model = Tiny(seed, out)
+    fully_shard(model.a, mesh=mesh)
+    fully_shard(model.b, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def load_fresh(path: str, world: int, **kw: Any) -> dict[str, Any]:
+    """Load ``path`` into a freshly initialised FSDP2 model and optimizer; their full state."""
+    model = fsdp2(world, seed=7)
+    opt = make_optimizer(model)
+    extra = checkpoint.load(path, model, opt, **kw)
+    return {"state": full_state(model, opt), "extra": extra}
+
+
+def resume_matches(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Train ``STEPS``, save, train ``STEPS`` more; a fresh model loading the save and training
+    the last ``STEPS`` must end bitwise equal. Returns the saved and both final states."""
+    model = fsdp2(world)
+    opt = make_optimizer(model)
+    train(model, opt, range(STEPS), rank, world)
+    saved = full_state(model, opt)
+    checkpoint.save(root, model, opt, extra={"step": STEPS, "world": world})
+    train(model, opt, range(STEPS, 2 * STEPS), rank, world)
+    model2 = fsdp2(world, seed=7)
+    opt2 = make_optimizer(model2)
+    extra = checkpoint.load(root, model2, opt2)
+    train(model2, opt2, range(extra["step"], 2 * STEPS), rank, world)
+    return {"saved": saved, "uninterrupted": full_state(model, opt), "resumed": full_state(model2, opt2),
+            "extra": extra}
+
+
+def wrong_model_error(root: str, world: int) -> str:
+    """The message of loading ``root`` into a model whose ``b`` has 4 outputs, on every rank."""
+    model = fsdp2(world, out=4)
+    try:
+        checkpoint.load(root, model, make_optimizer(model))
+    except checkpoint.ModelMismatchError as e:
+        return str(e)
+    return "no error"
+
+
+def world3(rank: int, world: int, root4: str, root3: str) -> dict[str, Any]:
+    """4 -> 3 (when ``root4`` exists) and a W=3 save for 3 -> 4."""
+    out: dict[str, Any] = {}
+    if root4:
+        out["from4"] = load_fresh(root4, world)
+    else:
+        out["resume"] = resume_matches(rank, world, root3)
+    return out
+
+
+def world4(rank: int, world: int, root3: str, root4: str) -> dict[str, Any]:
+    """3 -> 4, a W=4 save with the bitwise resume check, and a wrong-model error at W=4."""
+    return {"from3": load_fresh(root3, world), "resume": resume_matches(rank, world, root4),
+            "wrong": wrong_model_error(root4, world)}
+
+
+def world2(rank: int, world: int, root4: str, root1: str, root_ddp: str, root_fsdp2: str) -> dict[str, Any]:
+    """4 -> 2 under FSDP2; single process -> DDP; a DDP save with resume check; an FSDP2 W=2 save."""
+    out: dict[str, Any] = {"from4": load_fresh(root4, world)}
+    ddp = DDP(Tiny(seed=7))
+    opt = make_optimizer(ddp)
+    extra = checkpoint.load(root1, ddp, opt)
+    out["ddp_from1"] = {"state": full_state(ddp, opt), "extra": extra}
+    ddp = DDP(Tiny())
+    opt = make_optimizer(ddp)
+    train(ddp, opt, range(STEPS), rank, world)
+    out["ddp_saved"] = full_state(ddp, opt)
+    checkpoint.save(root_ddp, ddp, opt, extra={"step": STEPS})
+    train(ddp, opt, range(STEPS, 2 * STEPS), rank, world)
+    ddp2 = DDP(Tiny(seed=7))
+    opt2 = make_optimizer(ddp2)
+    checkpoint.load(root_ddp, ddp2, opt2)
+    train(ddp2, opt2, range(STEPS, 2 * STEPS), rank, world)
+    out["ddp_uninterrupted"], out["ddp_resumed"] = full_state(ddp, opt), full_state(ddp2, opt2)
+    model = fsdp2(world)
+    opt = make_optimizer(model)
+    train(model, opt, range(STEPS), rank, world)
+    out["fsdp2_saved"] = full_state(model, opt)
+    checkpoint.save(root_fsdp2, model, opt, extra={"step": STEPS})
+    dist.barrier()
+    return out
