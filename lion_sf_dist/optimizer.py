@@ -9,6 +9,7 @@ lives in :mod:`lion_sf_dist.layouts`.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
@@ -21,6 +22,7 @@ from torch.optim import Optimizer
 from lion_sf_dist.kernel import Kernel, unit_scales
 from lion_sf_dist.layouts.params import param_segments
 from lion_sf_dist.layouts.segment import Segment
+from lion_sf_dist.layouts.zero_internals import flattened_by_deepspeed
 from lion_sf_dist.reduce import reduce_counts
 from lion_sf_dist.units import AGREEMENTS, Units, assign_units
 
@@ -99,6 +101,11 @@ class LionSF(Optimizer):
         self._params_seen: list[Tensor] = []
         self._plans: dict[tuple, _Plan] = {}
         self._ema: Optional[Tensor] = None
+        # An adapter that owns the step when a framework replaced the parameters by flat
+        # partitions (set by lion_sf_dist.deepspeed.attach); the tensors each group held when
+        # added, by position, so such an adapter can still tell which unit an element is in.
+        self._layout: Optional[Any] = None
+        self._origin: list[tuple[weakref.ref, ...]] = []
         self.last_agreement: Optional[Tensor] = None
         self.last_scale: Optional[Tensor] = None
         self.last_skipped: Optional[Tensor] = None
@@ -110,6 +117,7 @@ class LionSF(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        self._origin.append(tuple(weakref.ref(p) for p in group["params"]))
         _check_group_values(group["betas"], group["weight_decay"])
         if not group["lr"] > 0.0:
             raise ValueError(f"lr must be > 0, got {group['lr']}")
@@ -139,6 +147,25 @@ class LionSF(Optimizer):
                         "its agreement average needs one pair"
                     )
 
+    def original_params(self) -> list[list[Optional[Tensor]]]:
+        """The tensors each param group held when it was added, by position (``None`` once freed).
+
+        ``units.ids`` refers to these positions; an adapter for a framework that swaps
+        ``param_groups`` for flat partitions (DeepSpeed ZeRO) maps elements to units with it.
+        """
+        return [[ref() for ref in refs] for refs in self._origin]
+
+    def _refuse_flattened(self) -> None:
+        """Raise when DeepSpeed flattened our parameters and no adapter was attached to count exactly."""
+        if any(p is not None and flattened_by_deepspeed(p) for ps in self.original_params() for p in ps):
+            raise RuntimeError(
+                "LionSF is being stepped by a DeepSpeed ZeRO engine it was not attached to: it would see flat "
+                "per-rank partitions instead of parameters and count the sign agreement per partition, which "
+                "differs across ranks. Build the engine with lion_sf_dist.deepspeed.initialize(...) instead of "
+                "deepspeed.initialize(...), or call lion_sf_dist.deepspeed.attach(engine) on an engine built "
+                "elsewhere (HF Accelerate, HF Trainer) before its first step."
+            )
+
     def _current_params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
@@ -149,9 +176,12 @@ class LionSF(Optimizer):
         ``prepare`` swaps sharded DTensors in) inherits that one's state when the logical
         shape matches; state of parameters no longer held is dropped.
         """
+        if self._layout is not None:
+            return  # the adapter keys state by its partitions
         current = self._current_params()
         if len(current) == len(self._params_seen) and all(a is b for a, b in zip(current, self._params_seen)):
             return
+        self._refuse_flattened()
         previous = dict(zip(range(len(self._params_seen)), self._params_seen))
         for i, p in enumerate(current):
             if "exp_avg" in self.state.get(p, {}):
@@ -176,6 +206,8 @@ class LionSF(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        if self._layout is not None:
+            return self._layout.step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -1,0 +1,149 @@
+"""DeepSpeed: LionSF from a config entry, exact at every ZeRO stage (SPEC sections 3, 4, 7).
+
+``initialize(...)`` takes the arguments of ``deepspeed.initialize`` and returns its tuple.
+Its config may name the optimizer::
+
+    "optimizer": {"type": "LionSF", "params": {"lr": 5e-4, "betas": [0.9, 0.99], "weight_decay": 0.01}}
+
+(every LionSF argument may appear in ``params``, ``agreement`` and the section 8 switches
+included), or a ``LionSF`` or a callable building one may be passed as ``optimizer=``.
+``attach(engine)`` gives the LionSF inside an engine built elsewhere (HF Accelerate,
+HF Trainer, plain ``deepspeed.initialize``) the ZeRO partition layout; ``initialize`` is
+``deepspeed.initialize`` followed by ``attach``. A LionSF under a ZeRO engine it was not
+attached to raises at its first step, naming both fixes.
+
+Gradient clipping: DeepSpeed 0.19.8 clips gradients to norm 1.0 when the config has no
+``gradient_clipping``, which changes Lion's update signs. ``initialize`` treats a missing
+value as 0 (no clipping, as the LionSF author trains); an explicit value is honoured.
+``attach`` leaves the engine's setting as it was built.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any, Callable, Optional, Union
+
+import deepspeed
+from torch.optim import Optimizer
+
+from lion_sf_dist.layouts.zero import ZeroLayout, zero_fragments
+from lion_sf_dist.layouts.zero_internals import (
+    check_attributes, client_optimizer, stage12_partitions, stage3_partitions, unsupported_reason, zero_stage_of,
+)
+from lion_sf_dist.optimizer import LionSF
+
+__all__ = ["initialize", "attach", "zero_fragments", "OPTIMIZER_TYPE"]
+
+OPTIMIZER_TYPE = "LionSF"
+
+
+def initialize(
+    args: Any = None,
+    model: Any = None,
+    optimizer: Optional[Union[Optimizer, Callable[..., Optimizer]]] = None,
+    model_parameters: Any = None,
+    *,
+    config: Optional[Union[str, dict[str, Any]]] = None,
+    config_params: Optional[Union[str, dict[str, Any]]] = None,
+    **kwargs: Any,
+) -> tuple[Any, Any, Any, Any]:
+    """``deepspeed.initialize`` with LionSF built from the config (or given) and attached.
+
+    Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` as DeepSpeed does.
+    The LionSF is built from ``model_parameters`` when given, else from
+    ``model.named_parameters()`` (so ``agreement="module"`` has names). The caller's
+    config is not modified: a copy without the LionSF entry (and with
+    ``gradient_clipping`` 0 when absent, see the module docstring) goes to DeepSpeed.
+    """
+    config = _load_config(args, config if config is not None else config_params)
+    if getattr(args, "deepspeed_config", None) is not None:
+        args = copy.copy(args)
+        args.deepspeed_config = None
+    config.setdefault("gradient_clipping", 0.0)
+    entry = config.get("optimizer")
+    if isinstance(entry, dict) and str(entry.get("type", "")).lower() == OPTIMIZER_TYPE.lower():
+        if optimizer is not None:
+            raise ValueError("lion_sf_dist.deepspeed.initialize: the config names an optimizer (LionSF) and "
+                             "optimizer= was passed too; give one of them")
+        del config["optimizer"]
+        hyper = dict(entry.get("params", {}))
+        if "betas" in hyper:
+            hyper["betas"] = tuple(hyper["betas"])
+        optimizer = LionSF(_params_for(model, model_parameters), **hyper)
+    elif optimizer is not None and not isinstance(optimizer, Optimizer) and callable(optimizer):
+        optimizer = optimizer(_params_for(model, model_parameters))
+    engine, opt, loader, scheduler = deepspeed.initialize(
+        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, config=config, **kwargs
+    )
+    if isinstance(optimizer, LionSF):
+        attach(engine)
+    return engine, opt, loader, scheduler
+
+
+def attach(engine: Any) -> LionSF:
+    """Make the LionSF inside ``engine`` step exactly; returns it. Call before the first step.
+
+    Under ZeRO 1-3 the LionSF learns which slice of which parameter (and agreement unit)
+    each flat partition holds, gets its ``exp_avg`` per partition (eagerly, carrying over
+    any it already had) and from then on counts all partitions of an engine step together,
+    with one int64 all-reduce per process group. Under ZeRO-0 (fp32) it needs nothing: the
+    engine hands it whole parameters with averaged gradients.
+
+    Raises ``TypeError`` when the engine's optimizer is not LionSF (or not one of the
+    supported wrappers), ``NotImplementedError`` for configurations it cannot step exactly
+    (NVMe or partial offload, ``agreement_ema`` under ZeRO, bf16/fp16 without ZeRO).
+    """
+    outer = engine.optimizer
+    stage = zero_stage_of(outer)
+    if stage == 0:
+        if isinstance(outer, LionSF):
+            return outer
+        raise TypeError(
+            f"lion_sf_dist.deepspeed.attach: the engine's optimizer is {type(outer).__name__}, not LionSF or a ZeRO "
+            "optimizer wrapping one (bf16/fp16 without ZeRO flattens parameters in a way not supported: use ZeRO "
+            "stage 1, 2 or 3)"
+        )
+    check_attributes(outer)
+    opt = client_optimizer(outer)
+    if not isinstance(opt, LionSF):
+        raise TypeError(f"lion_sf_dist.deepspeed.attach: the engine steps {type(opt).__name__}, not LionSF")
+    reason = unsupported_reason(outer)
+    if reason is None and opt.agreement_ema:
+        reason = "agreement_ema=True under ZeRO stages 1-3 is not supported yet"
+    if reason is not None:
+        raise NotImplementedError(f"lion_sf_dist.deepspeed.attach: {reason}")
+    partitions = stage3_partitions(outer) if stage == 3 else stage12_partitions(outer)
+    unit_of = {
+        id(p): u
+        for params, ids in zip(opt.original_params(), opt.units.ids)
+        for p, u in zip(params, ids)
+        if p is not None
+    }
+    unknown = [f.shape for part in partitions for f in part.fragments if id(f.param) not in unit_of]
+    if unknown:
+        raise RuntimeError(f"lion_sf_dist.deepspeed.attach: DeepSpeed partitions hold parameters (shapes {unknown}) "
+                           "that the LionSF was not constructed with")
+    opt._layout = ZeroLayout(opt, partitions, unit_of)
+    return opt
+
+
+def _params_for(model: Any, model_parameters: Any) -> Any:
+    if model_parameters is not None:
+        return model_parameters
+    if model is None:
+        raise ValueError("lion_sf_dist.deepspeed.initialize: building LionSF needs model= or model_parameters=")
+    return list(model.named_parameters())
+
+
+def _load_config(args: Any, config: Optional[Union[str, dict[str, Any]]]) -> dict[str, Any]:
+    from_args = getattr(args, "deepspeed_config", None)
+    if from_args is not None and config is not None:
+        raise ValueError("lion_sf_dist.deepspeed.initialize: a config in args.deepspeed_config and config= both given")
+    config = from_args if config is None else config
+    if config is None:
+        raise ValueError("lion_sf_dist.deepspeed.initialize: no DeepSpeed config (config= or args.deepspeed_config)")
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    with open(config) as f:
+        return json.load(f)

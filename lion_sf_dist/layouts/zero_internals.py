@@ -1,0 +1,172 @@
+"""Every private DeepSpeed attribute lion_sf_dist reads, in one place (DeepSpeed 0.19.8).
+
+DeepSpeed's ZeRO optimizers hand the client optimizer flat fp32 partitions, not
+parameters. This module reads, from a ZeRO optimizer, which slice of which logical
+(bit16) parameter each flat partition holds, padding excluded, and how to copy an
+updated partition back to the bit16 copy DeepSpeed gathers from. Nothing else in the
+package touches a private DeepSpeed name; ``tests/test_deepspeed_internals.py`` checks
+each name used here, so a DeepSpeed release that renames one fails loudly there.
+
+Recipes (each verified by rebuilding every parameter bit for bit from all ranks' slices):
+
+* Stage 1/2 (``DeepSpeedZeroOptimizer``): for group ``i`` with rank ``r`` in
+  ``real_dp_process_group[i]``, ``single_partition_of_fp32_groups[i]`` covers
+  ``[r * partition_size[i], (r + 1) * partition_size[i])`` of the group's flat buffer,
+  where parameter ``k`` of ``round_robin_bit16_groups[i]`` starts at
+  ``round_robin_bit16_offsets[i][k]`` with ``round_robin_bit16_meta[i][k].numel()``
+  elements (alignment padding lies between and after them). ``lp._hp_mapping`` is not
+  used: it is computed in the original order while the buffer may be round-robin ordered.
+* Stage 3 (``DeepSpeedZeroOptimizer_Stage3``): for sub-group ``i`` with rank ``r`` in
+  ``sub_group_process_groups[i]``, ``fp32_partitioned_groups_flat[i]`` holds, for each
+  ``p`` of ``fp16_groups[i]`` with ``(_, off, pn) = grad_position[get_param_id(p)]``,
+  elements ``[r * pn, r * pn + n)`` of the flattened parameter at ``off``, where
+  ``n = max(0, min(pn, p.ds_numel - r * pn))``; padding follows each slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch.distributed as dist
+from torch import Tensor
+
+# Attributes a ZeRO optimizer must have for the recipes above (checked by tests and at attach).
+STAGE12_ATTRS = (
+    "optimizer", "real_dp_process_group", "partition_size", "single_partition_of_fp32_groups",
+    "round_robin_bit16_groups", "round_robin_bit16_offsets", "round_robin_bit16_meta",
+    "parallel_partitioned_bit16_groups", "cpu_offload",
+)
+STAGE3_ATTRS = (
+    "optimizer", "fp32_partitioned_groups_flat", "fp16_partitioned_groups_flat", "fp16_groups",
+    "sub_group_process_groups", "sub_group_to_group_id", "grad_position", "get_param_id",
+    "offload_optimizer", "swap_optimizer", "partial_offload",
+)
+# Markers DeepSpeed leaves on the model parameters it flattens (stage 1/2 and its bf16
+# optimizer link ``_hp_mapping``; stage 3 partitions carry ``ds_id``).
+FLATTENED_MARKERS = ("_hp_mapping", "ds_id")
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """``numel`` elements of logical parameter ``param`` (flattened, logical shape ``shape``),
+    from ``param_offset``, lying at ``flat_offset`` of a flat partition. ``numel`` is 0 on a
+    rank holding none of it."""
+
+    param: Tensor
+    shape: tuple[int, ...]
+    param_offset: int
+    flat_offset: int
+    numel: int
+
+
+@dataclass
+class Partition:
+    """One flat fp32 partition the client optimizer steps, and what it holds.
+
+    ``group_index``: the client optimizer's param group it belongs to; ``process_group``:
+    the ranks whose partitions together hold these parameters; ``writeback``: copies the
+    (updated) flat partition to the bit16 copy DeepSpeed gathers parameters from.
+    """
+
+    flat: Tensor
+    group_index: int
+    process_group: Optional[dist.ProcessGroup]
+    fragments: list[Fragment]
+    writeback: Callable[[], None]
+
+
+def flattened_by_deepspeed(p: Tensor) -> bool:
+    """Whether DeepSpeed has replaced ``p`` by flat partitions in its optimizer (ZeRO >= 1, bf16)."""
+    return any(getattr(p, name, None) is not None for name in FLATTENED_MARKERS)
+
+
+def zero_stage_of(zero_optimizer: Any) -> int:
+    """1 (stages 1 and 2 share one class), 3, or 0 for anything else (the client optimizer itself)."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if isinstance(zero_optimizer, DeepSpeedZeroOptimizer_Stage3):
+        return 3
+    if isinstance(zero_optimizer, DeepSpeedZeroOptimizer):
+        return 1
+    return 0
+
+
+def check_attributes(zero_optimizer: Any) -> None:
+    """Raise if ``zero_optimizer`` lacks an attribute the recipes read (a changed DeepSpeed)."""
+    stage = zero_stage_of(zero_optimizer)
+    names = STAGE3_ATTRS if stage == 3 else STAGE12_ATTRS if stage == 1 else ()
+    missing = [n for n in names if not hasattr(zero_optimizer, n)]
+    if missing:
+        import deepspeed
+
+        raise RuntimeError(
+            f"lion_sf_dist: {type(zero_optimizer).__name__} of DeepSpeed {deepspeed.__version__} lacks {missing}; "
+            "lion_sf_dist/layouts/zero_internals.py was written for DeepSpeed 0.19.8 and needs updating"
+        )
+
+
+def client_optimizer(zero_optimizer: Any) -> Any:
+    """The optimizer a ZeRO optimizer wraps (the one whose ``step`` it calls per partition)."""
+    return zero_optimizer.optimizer
+
+
+def unsupported_reason(zero_optimizer: Any) -> Optional[str]:
+    """Why this ZeRO optimizer's configuration cannot be stepped exactly, or ``None``."""
+    stage = zero_stage_of(zero_optimizer)
+    if stage == 3:
+        if zero_optimizer.swap_optimizer:
+            return "ZeRO-3 optimizer offload to NVMe (state swapping) is not supported"
+        if zero_optimizer.offload_optimizer and zero_optimizer.partial_offload != 1.0:
+            return "ZeRO-3 partial optimizer offload (ratio < 1) steps a separate AdamW and is not supported"
+    if getattr(zero_optimizer, "zenflow", False):
+        return "ZenFlow is not supported"
+    if getattr(zero_optimizer, "use_muon", False):
+        return "Muon parameter groups are not supported"
+    return None
+
+
+def stage12_partitions(zo: Any) -> list[Partition]:
+    """This rank's partitions of a stage 1/2 ``DeepSpeedZeroOptimizer``, one per param group."""
+    parts = []
+    for i, flat in enumerate(zo.single_partition_of_fp32_groups):
+        group = zo.real_dp_process_group[i]
+        rank = dist.get_rank(group=group)
+        size = int(zo.partition_size[i])
+        if flat.numel() != size:
+            raise RuntimeError(f"lion_sf_dist: ZeRO group {i}: partition has {flat.numel()} elements, expected {size}")
+        lo, hi = rank * size, (rank + 1) * size
+        fragments = []
+        for p, start, meta in zip(zo.round_robin_bit16_groups[i], zo.round_robin_bit16_offsets[i],
+                                  zo.round_robin_bit16_meta[i], strict=True):
+            a, b = max(int(start), lo), min(int(start) + meta.numel(), hi)
+            shape = tuple(meta.shape)
+            fragments.append(Fragment(p, shape, a - int(start), a - lo, b - a) if b > a else Fragment(p, shape, 0, 0, 0))
+        target = zo.parallel_partitioned_bit16_groups[i][rank]
+        parts.append(Partition(flat, i, group, fragments, _copier(target, flat)))
+    return parts
+
+
+def stage3_partitions(zo: Any) -> list[Partition]:
+    """This rank's partitions of a ``DeepSpeedZeroOptimizer_Stage3``, one per sub-group."""
+    parts = []
+    for i, flat in enumerate(zo.fp32_partitioned_groups_flat):
+        group = zo.sub_group_process_groups[i]
+        rank = dist.get_rank(group=group)
+        fragments = []
+        for p in zo.fp16_groups[i]:
+            _, off, pn = zo.grad_position[zo.get_param_id(p)]
+            n = max(0, min(pn, p.ds_numel - rank * pn))
+            fragments.append(Fragment(p, tuple(p.ds_shape), rank * pn if n else 0, off, n))
+        target = zo.fp16_partitioned_groups_flat[i]
+        writeback = _copier(target, flat) if target is not None else (lambda: None)
+        parts.append(Partition(flat, int(zo.sub_group_to_group_id[i]), group, fragments, writeback))
+    return parts
+
+
+def _copier(target: Tensor, source: Tensor) -> Callable[[], None]:
+    def copy() -> None:
+        target.data.copy_(source.data)
+
+    return copy

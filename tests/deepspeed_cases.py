@@ -1,0 +1,115 @@
+"""Shared pieces of the DeepSpeed tests: the tiny model, the batch, the cases and the reference run.
+
+Sizes are chosen so nothing divides evenly: 62 elements in 6 tensors (35, 5, 15, 3, 3, 1),
+and the last bias has 1 element, fewer than the world size at W = 2, 3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from lion_sf_dist import LionSF
+
+STEPS = 3
+LR = 1e-2
+HYPER = [dict(lr=LR, betas=(0.9, 0.99), weight_decay=0.1), dict(lr=2 * LR, betas=(0.8, 0.95), weight_decay=0.0)]
+# Tolerance for engine-reduced gradients (see tests/test_deepspeed.py for the justification).
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3), torch.nn.Tanh(),
+                               torch.nn.Linear(3, 1))
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(4, 7, generator=g), torch.randn(4, 1, generator=g)
+
+
+def loss_of(model: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # A sum, not a mean, so the gradient norm exceeds 1 and default clipping would matter.
+    return ((model(x) - y) ** 2).sum() * 4.0
+
+
+def param_groups(model: torch.nn.Module, two: bool) -> list[dict[str, Any]]:
+    named = list(model.named_parameters())
+    if not two:
+        return [dict(params=named, **HYPER[0])]
+    return [dict(params=[(n, p) for n, p in named if n.endswith("weight")], **HYPER[0]),
+            dict(params=[(n, p) for n, p in named if n.endswith("bias")], **HYPER[1])]
+
+
+@dataclass
+class Case:
+    """One engine: ZeRO ``stage``, how LionSF reaches it (``route``), and its layout options."""
+
+    name: str
+    stage: int
+    route: str = "instance"  # "instance", "config", "callable", "plain" (deepspeed.initialize: must raise)
+    agreement: str = "module"
+    two_groups: bool = True
+    round_robin: bool = False
+    offload: bool = False
+    clip: Optional[float] = None  # None: absent from the config
+    sub_group_size: Optional[int] = None
+    local_counts: bool = False  # control: each rank counts only its own partition
+    extra: dict = field(default_factory=dict)
+
+    def config(self, world: int) -> dict[str, Any]:
+        zero: dict[str, Any] = {"stage": self.stage}
+        if self.stage in (1, 2):
+            zero["round_robin_gradients"] = self.round_robin
+        if self.offload:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        if self.sub_group_size is not None:
+            zero["sub_group_size"] = self.sub_group_size
+        cfg: dict[str, Any] = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+                               "train_batch_size": 4 * world, "zero_optimization": zero,
+                               "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
+                               "steps_per_print": 10 ** 9}
+        if self.clip is not None:
+            cfg["gradient_clipping"] = self.clip
+        if self.route == "config":
+            cfg["optimizer"] = {"type": "LionSF", "params": {**HYPER[0], "betas": list(HYPER[0]["betas"]),
+                                                             "agreement": self.agreement}}
+        return cfg
+
+
+CASES = [
+    Case("z0_config", 0, route="config", two_groups=False),
+    Case("z1_instance", 1),
+    Case("z1_rr_offload", 1, agreement="tensor", round_robin=True, offload=True),
+    Case("z2_instance_rr", 2, round_robin=True),
+    Case("z2_config_global", 2, route="config", agreement="global", two_groups=False),
+    Case("z2_callable_offload", 2, route="callable", agreement="group", offload=True),
+    Case("z2_clip", 2, clip=0.5),
+    Case("z3_instance_subgroups", 3, sub_group_size=8),
+    Case("z3_config_group", 3, route="config", agreement="group", two_groups=False),
+    Case("z3_offload_tensor", 3, agreement="tensor", offload=True),
+]
+CONTROLS = [Case("z2_local_counts", 2, local_counts=True), Case("z3_local_counts", 3, local_counts=True,
+                                                                 sub_group_size=8)]
+PLAIN = [Case("z1_plain", 1, route="plain"), Case("z3_plain", 3, route="plain")]
+
+
+def reference(case: Case) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[float]]:
+    """Single-process LionSF on the same model and batch: full params, exp_avg and gradient norms by name."""
+    model = make_model()
+    groups = param_groups(model, case.two_groups and case.route != "config")
+    opt = LionSF(groups, lr=HYPER[0]["lr"], agreement=case.agreement)
+    x, y = batch()
+    norms = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), case.clip or float("inf"))))
+        opt.step()
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    exp_avg = {names[id(p)]: s["exp_avg"].clone() for p, s in opt.state.items()}
+    return params, exp_avg, norms
