@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim import Optimizer
 
 from lion_sf_dist.kernel import Kernel, unit_scales
-from lion_sf_dist.layouts.params import param_segments
+from lion_sf_dist.layouts.params import check_params, param_segments
 from lion_sf_dist.layouts.segment import Segment
 from lion_sf_dist.layouts.zero_internals import flattened_by_deepspeed
 from lion_sf_dist.reduce import reduce_counts
@@ -182,6 +182,7 @@ class LionSF(Optimizer):
         if len(current) == len(self._params_seen) and all(a is b for a, b in zip(current, self._params_seen)):
             return
         self._refuse_flattened()
+        check_params(current)
         previous = dict(zip(range(len(self._params_seen)), self._params_seen))
         for i, p in enumerate(current):
             if "exp_avg" in self.state.get(p, {}):
@@ -196,6 +197,11 @@ class LionSF(Optimizer):
             del self.state[stale]
         self._params_seen = current
         self._ema = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict`` after state has followed swapped parameters (SPEC section 5)."""
+        self._sync_state()
+        return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

@@ -8,18 +8,33 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement
 
-_mesh_groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
+# One process group per set of global ranks: two meshes (or mesh dims) over the same
+# ranks share one reduction instead of issuing one collective each.
+_by_ranks: dict[tuple[int, ...], dist.ProcessGroup] = {}
+_canonical_of: dict[int, tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
+
+
+def _ranks_group(ranks: tuple[int, ...], found: Optional[dist.ProcessGroup]) -> dist.ProcessGroup:
+    """The process group used for ``ranks``: ``WORLD`` for all ranks, else the first one seen (or a new one)."""
+    if len(ranks) == dist.get_world_size():
+        return dist.group.WORLD
+    if ranks not in _by_ranks:
+        # Only the member ranks create the group (use_local_synchronization): a sub-mesh's
+        # sibling meshes on other ranks build their own groups in the same step.
+        _by_ranks[ranks] = found if found is not None else dist.new_group(list(ranks), use_local_synchronization=True)
+    return _by_ranks[ranks]
+
+
+def _canonical(group: dist.ProcessGroup) -> dist.ProcessGroup:
+    hit = _canonical_of.get(id(group))
+    if hit is None or hit[0] is not group:
+        hit = (group, _ranks_group(tuple(sorted(dist.get_process_group_ranks(group))), group))
+        _canonical_of[id(group)] = hit
+    return hit[1]
 
 
 def _whole_mesh_group(mesh: DeviceMesh) -> dist.ProcessGroup:
-    ranks = tuple(sorted(mesh.mesh.flatten().tolist()))
-    if len(ranks) == dist.get_world_size():
-        return dist.group.WORLD
-    if ranks not in _mesh_groups:
-        # new_group is collective over the world: every rank reaches this at the same
-        # parameter of the same first step, since they all hold the same parameters.
-        _mesh_groups[ranks] = dist.new_group(list(ranks))
-    return _mesh_groups[ranks]
+    return _ranks_group(tuple(sorted(mesh.mesh.flatten().tolist())), None)
 
 
 def reduction_for(mesh: DeviceMesh, placements: Sequence[Placement]) -> tuple[Optional[dist.ProcessGroup], bool]:
@@ -33,12 +48,14 @@ def reduction_for(mesh: DeviceMesh, placements: Sequence[Placement]) -> tuple[Op
             f"a DTensor gradient with a Partial placement ({tuple(placements)}) holds unreduced sums; "
             "LionSF needs the reduced gradient: redistribute it to the parameter's placements first"
         )
-    shard_dims = [d for d, pl in enumerate(placements) if pl.is_shard()]
+    # Anything neither replicated nor partial splits elements: Shard and also _StridedShard
+    # (FSDP over TP), for which is_shard() is false.
+    shard_dims = [d for d, pl in enumerate(placements) if not pl.is_replicate()]
     if not shard_dims:
         return None, True
     if len(shard_dims) == 1:
         # Each replica row reduces among its own shards and gets the full count.
-        return mesh.get_group(shard_dims[0]), True
+        return _canonical(mesh.get_group(shard_dims[0])), True
     coord = mesh.get_coordinate()
     counted = all(coord[d] == 0 for d, pl in enumerate(placements) if pl.is_replicate())
     return _whole_mesh_group(mesh), counted

@@ -16,6 +16,20 @@ from lion_sf_dist.layouts.dtensor import check_grad_layout, reduction_for
 from lion_sf_dist.layouts.segment import Segment
 from lion_sf_dist.units import Units
 
+_FSDP1_HELP = (
+    "LionSF got a parameter flattened by FSDP1 (FullyShardedDataParallel): each rank holds an "
+    "unmarked 1-D slice of it, so the agreement would be counted per shard and differ across ranks. "
+    "Use FSDP2 instead (torch.distributed.fsdp.fully_shard, or HF Accelerate with fsdp_version=2): "
+    "its DTensor parameters are supported exactly."
+)
+
+
+def check_params(params: Sequence[Tensor]) -> None:
+    """Raise ``ValueError`` for parameters no layout can count exactly (FSDP1's flattened shards)."""
+    for p in params:
+        if getattr(p, "_fsdp_flattened", False):
+            raise ValueError(f"{_FSDP1_HELP} (parameter of local shape {tuple(p.shape)})")
+
 
 def param_segments(param_groups: Sequence[dict[str, Any]], state: dict[Tensor, dict[str, Any]], units: Units) -> list[Segment]:
     """One segment per parameter that has a gradient and local elements.
@@ -26,6 +40,8 @@ def param_segments(param_groups: Sequence[dict[str, Any]], state: dict[Tensor, d
     segments = []
     for group, unit_ids in zip(param_groups, units.ids):
         for p, unit in zip(group["params"], unit_ids):
+            if getattr(p, "_fsdp_flattened", False):  # wrapped by FSDP1 after the optimizer was built
+                raise ValueError(_FSDP1_HELP)
             g = p.grad
             if g is None:
                 continue
