@@ -34,14 +34,14 @@ class Tiny(nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
-def make_optimizer(model: nn.Module) -> LionSF:
-    """LionSF with module units and the agreement average: every kind of state is exercised."""
+def make_optimizer(model: nn.Module, ema: bool = True) -> LionSF:
+    """LionSF with module units and (``ema``) the agreement average: every kind of state is exercised."""
     inner = unwrap(model)
     groups = [
         {"params": [inner.a.weight, inner.b.weight], "param_names": ["a.weight", "b.weight"]},
         {"params": [inner.a.bias, inner.b.bias], "param_names": ["a.bias", "b.bias"], "lr": 3e-3},
     ]
-    return LionSF(groups, lr=1e-2, weight_decay=0.1, agreement="module", agreement_ema=True, pow=0.5)
+    return LionSF(groups, lr=1e-2, weight_decay=0.1, agreement="module", agreement_ema=ema, pow=0.5)
 
 
 def batch(step: int) -> tuple[Tensor, Tensor]:
@@ -74,7 +74,9 @@ def full_state(model: nn.Module, opt: Optional[torch.optim.Optimizer]) -> dict[s
     if opt is not None:
         names = dict((id(p), n) for n, p in inner.named_parameters())
         out["exp_avg"] = {names[id(p)]: _full(s["exp_avg"]) for p, s in opt.state.items()}
-        out["ema"] = {names[id(p)]: s["agreement_ema"].clone() for p, s in opt.state.items() if "agreement_ema" in s}
+        ema = {names[id(p)]: s["agreement_ema"].clone() for p, s in opt.state.items() if "agreement_ema" in s}
+        if ema:
+            out["ema"] = ema
     return out
 
 

@@ -15,7 +15,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from lion_sf_dist.checkpoint import comm, meta, store
-from lion_sf_dist.checkpoint.collect import Snapshot, dcp_state, snapshot
+from lion_sf_dist.checkpoint.collect import Snapshot, is_engine, dcp_state, optimizer_of, snapshot
+from lion_sf_dist.checkpoint.fragments import Fragments
 from lion_sf_dist.checkpoint.errors import CheckpointCorruptError, CheckpointError
 
 PathLike = Union[str, Path]
@@ -48,6 +49,7 @@ def save(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
     """
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
+    optimizer = optimizer_of(model, optimizer)
     snap = snapshot(model, optimizer)
     description = meta.describe(snap, optimizer, comm.world_size(), extra is not None)
     root = Path(path)
@@ -106,6 +108,7 @@ def load(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
     """
     ckpt, saved, extra_bytes = comm.on_rank0(lambda: _open(Path(path)))
     where = f"checkpoint {str(ckpt)!r}"
+    optimizer = optimizer_of(model, optimizer)
     hot = optimizer_state and optimizer is not None
     snap = snapshot(model, optimizer)
     meta.check_model(saved, snap, where)
@@ -123,6 +126,10 @@ def load(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
         _install_ema(snap, optimizer)
     elif optimizer is not None:
         _fresh_state(snap, optimizer)
+    if is_engine(model):
+        from lion_sf_dist.checkpoint.zero import refresh
+
+        refresh(model)
     return _unpickle(extra_bytes, weights_only, where)
 
 
@@ -162,6 +169,8 @@ def _prepare_ema(snap: Snapshot, saved: dict[str, Any], optimizer: torch.optim.O
 
 
 def _install_ema(snap: Snapshot, optimizer: torch.optim.Optimizer) -> None:
+    if not getattr(optimizer, "agreement_ema", False):
+        return
     by_name = _params_by_name(snap, optimizer)
     for p in by_name.values():
         optimizer.state[p].pop("agreement_ema", None)
@@ -171,10 +180,10 @@ def _install_ema(snap: Snapshot, optimizer: torch.optim.Optimizer) -> None:
 
 def _fresh_state(snap: Snapshot, optimizer: torch.optim.Optimizer) -> None:
     """Zero ``exp_avg`` and drop the agreement averages: the optimizer starts afresh."""
-    for p in _params_by_name(snap, optimizer).values():
-        state = optimizer.state[p]
-        if "exp_avg" in state:
-            state["exp_avg"].zero_()
+    for value in snap.exp_avg.values():
+        for t in ([flat for _, flat in value.pieces] if isinstance(value, Fragments) else [value]):
+            t.zero_()
+    for state in optimizer.state.values():
         state.pop("agreement_ema", None)
 
 

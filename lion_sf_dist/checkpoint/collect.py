@@ -48,12 +48,26 @@ class Snapshot:
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside DDP, ``torch.compile`` and DeepSpeed wrappers."""
     while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel) or is_engine(model):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
         else:
             return model
+
+
+def is_engine(model: Any) -> bool:
+    """Whether ``model`` is a DeepSpeed engine (checked without importing DeepSpeed)."""
+    return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
+
+
+def optimizer_of(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Optional[torch.optim.Optimizer]:
+    """The optimizer whose state is checkpointed: under DeepSpeed, the LionSF inside the engine."""
+    if optimizer is None or not is_engine(model):
+        return optimizer
+    from lion_sf_dist.checkpoint.zero import client_optimizer
+
+    return client_optimizer(model)
 
 
 def canonical(name: str) -> str:
@@ -82,7 +96,7 @@ def _describe(snap: Snapshot, name: str, t: Tensor) -> None:
 
 def snapshot(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Snapshot:
     """The tensors of ``model`` (and ``optimizer``'s state when given) by logical name."""
-    if type(model).__name__ == "DeepSpeedEngine":
+    if is_engine(model):
         from lion_sf_dist.checkpoint.zero import zero_snapshot
 
         return zero_snapshot(model, optimizer)

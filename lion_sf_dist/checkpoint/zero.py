@@ -1,0 +1,93 @@
+"""DeepSpeed engines: each rank's ZeRO fragments as logical-parameter pieces, and the refresh after a load.
+
+The fp32 master weights and ``exp_avg`` that ZeRO partitions are stored (padding dropped),
+as slices of each logical parameter, via :func:`lion_sf_dist.layouts.zero.zero_fragments`;
+loading writes into the same slices of the running engine's partitions (any stage, any world
+size), then refreshes the bit16 weights DeepSpeed computes with. The engine's LionSF must be
+attached (:func:`lion_sf_dist.deepspeed.initialize` or ``attach``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from lion_sf_dist.checkpoint.collect import Snapshot, _describe, _persistent_buffers, canonical
+from lion_sf_dist.checkpoint.fragments import Fragments
+
+
+def client_optimizer(engine: Any) -> Any:
+    """The LionSF an engine steps (inside its ZeRO optimizer, if any)."""
+    from lion_sf_dist.layouts.zero import _layout_of
+
+    layout = _layout_of(engine)
+    return getattr(layout, "optimizer", layout)
+
+
+def zero_snapshot(engine: Any, optimizer: Optional[torch.optim.Optimizer]) -> Snapshot:
+    """Logical pieces of ``engine``'s master parameters, buffers and (given ``optimizer``) ``exp_avg``."""
+    from lion_sf_dist.layouts.zero import zero_fragments
+
+    module: nn.Module = engine.module
+    opt = client_optimizer(engine)
+    params = {canonical(n): p for n, p in module.named_parameters()}
+    name_of = {id(p): n for n, p in params.items()}
+    trainable = [[name_of[id(p)] for p in group if p is not None] for group in opt.original_params()]
+    snap = Snapshot(kind=f"zero{getattr(engine, 'zero_optimization_stage', lambda: '?')()}")
+    pieces: dict[str, list] = {n: [] for names in trainable for n in names}
+    states: dict[str, list] = {n: [] for n in pieces}
+    whole: dict[str, Any] = {}
+    for f in zero_fragments(engine):
+        name = canonical(f.name)
+        if f.replicated:
+            whole[name] = (f.param.view(f.shape), f.exp_avg.view(f.shape))
+        else:
+            pieces[name].append((f.offset, f.param))
+            states[name].append((f.offset, f.exp_avg))
+    for name, p in params.items():
+        shape = torch.Size(getattr(p, "ds_shape", p.shape))
+        snap.shapes[name] = tuple(shape)
+        if name in whole:
+            snap.params[name] = whole[name][0]
+            snap.exp_avg[name] = whole[name][1]
+        elif name in pieces:
+            snap.params[name] = Fragments(shape, pieces[name])
+            snap.exp_avg[name] = Fragments(shape, states[name])
+        elif hasattr(p, "ds_id"):
+            raise NotImplementedError(
+                f"checkpoint: parameter {name!r} is partitioned by ZeRO-3 but not trained by the LionSF "
+                "(frozen); checkpoints of frozen ZeRO-3 parameters are not supported")
+        else:
+            snap.params[name] = p.detach()
+        held = snap.params[name]
+        dtype = held.pieces[0][1].dtype if isinstance(held, Fragments) and held.pieces else (
+            torch.float32 if isinstance(held, Fragments) else held.dtype)
+        snap.dtypes[name] = str(dtype).removeprefix("torch.")
+    for name, b in _persistent_buffers(module).items():
+        snap.buffers[name] = b.detach()
+        _describe(snap, name, b)
+    if optimizer is None:
+        snap.exp_avg = {}
+    else:
+        snap.optimizer_names = trainable
+    return snap
+
+
+def refresh(engine: Any) -> None:
+    """Recompute the bit16 weights DeepSpeed computes with from the (just loaded) fp32 masters; collective."""
+    from lion_sf_dist.layouts.zero_internals import zero_stage_of
+
+    zo = engine.optimizer
+    stage = zero_stage_of(zo)
+    if stage == 1:
+        zo.update_lp_params()
+    elif stage == 3:
+        for i in range(len(zo.fp32_partitioned_groups_flat)):
+            zo._reassign_or_swap_out_partitioned_parameters(i)
+        if zo.persistent_parameters:
+            zo.persistent_parameters[0].all_gather(zo.persistent_parameters)
+        invalidate = getattr(zo, "invalidate_secondary_tensor", None)
+        if invalidate is not None:
+            invalidate()

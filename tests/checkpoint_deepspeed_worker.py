@@ -1,0 +1,98 @@
+"""The spawned side of the DeepSpeed checkpoint tests (one spawn per world size).
+
+W=3: a ZeRO-2 engine trains, saves, trains on; a fresh engine loads and trains the same
+steps (must match bitwise); an FSDP2 model trains and saves. W=2: a ZeRO-3 engine loads the
+ZeRO-2 checkpoint and saves again, an FSDP2 model loads the ZeRO-2 checkpoint, a second
+ZeRO-3 engine loads the FSDP2 one. Full states come from DeepSpeed's own accessors.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lion_sf_dist import checkpoint
+from tests.checkpoint_cases import BATCH, STEPS, Tiny, batch, full_state, make_optimizer, train
+from tests.checkpoint_worker import fsdp2
+
+
+def setup(rank: int, world: int) -> None:
+    """Environment DeepSpeed expects from a launcher; the harness already made the gloo group."""
+    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def engine(stage: int, world: int, seed: int = 0) -> Any:
+    """A ZeRO-``stage`` engine of :class:`Tiny` stepping an attached LionSF (two param groups)."""
+    from lion_sf_dist import deepspeed as lds
+
+    model = Tiny(seed)
+    config = {"train_micro_batch_size_per_gpu": BATCH // world, "gradient_accumulation_steps": 1,
+              "train_batch_size": BATCH, "zero_optimization": {"stage": stage},
+              "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
+              "steps_per_print": 10 ** 9}
+    eng, _, _, _ = lds.initialize(model=model, optimizer=make_optimizer(model, ema=False), config=config)
+    return eng
+
+
+def train_engine(eng: Any, steps: range, rank: int, world: int) -> None:
+    for step in steps:
+        x, y = batch(step)
+        loss = torch.nn.functional.mse_loss(eng(x.chunk(world)[rank]), y.chunk(world)[rank])
+        eng.backward(loss)
+        eng.step()
+        with torch.no_grad():
+            eng.module.seen += 1
+
+
+def engine_state(eng: Any) -> dict[str, Any]:
+    """Full fp32 params, buffers and ``exp_avg`` through DeepSpeed's accessors (collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    params, exp_avg = {}, {}
+    for name, p in eng.module.named_parameters():
+        params[name] = safe_get_full_fp32_param(p).clone()
+        exp_avg[name] = safe_get_full_optimizer_state(p, "exp_avg").clone()
+    return {"params": params, "buffers": {n: b.clone() for n, b in eng.module.named_buffers()}, "exp_avg": exp_avg}
+
+
+def world3(rank: int, world: int, root_z2: str, root_f3: str) -> dict[str, Any]:
+    setup(rank, world)
+    eng = engine(2, world)
+    train_engine(eng, range(STEPS), rank, world)
+    out: dict[str, Any] = {"z2_saved": engine_state(eng)}
+    checkpoint.save(root_z2, eng, eng.optimizer, extra={"step": STEPS})
+    train_engine(eng, range(STEPS, 2 * STEPS), rank, world)
+    fresh = engine(2, world, seed=7)
+    extra = checkpoint.load(root_z2, fresh, fresh.optimizer)
+    train_engine(fresh, range(extra["step"], 2 * STEPS), rank, world)
+    out["z2_uninterrupted"], out["z2_resumed"] = engine_state(eng), engine_state(fresh)
+    model = fsdp2(world)
+    opt = make_optimizer(model, ema=False)
+    train(model, opt, range(STEPS), rank, world)
+    out["f3_saved"] = full_state(model, opt)
+    checkpoint.save(root_f3, model, opt, extra={"step": STEPS})
+    return out
+
+
+def world2(rank: int, world: int, root_z2: str, root_f3: str, root_z3: str) -> dict[str, Any]:
+    setup(rank, world)
+    eng = engine(3, world, seed=7)
+    out: dict[str, Any] = {"z3_extra": checkpoint.load(root_z2, eng, eng.optimizer)}
+    out["z3_from_z2"] = engine_state(eng)
+    checkpoint.save(root_z3, eng, eng.optimizer)
+    model = fsdp2(world, seed=7)
+    opt = make_optimizer(model, ema=False)
+    checkpoint.load(root_z2, model, opt)
+    out["fsdp2_from_z2"] = full_state(model, opt)
+    eng2 = engine(3, world, seed=7)
+    checkpoint.load(root_f3, eng2, eng2.optimizer)
+    out["z3_from_f3"] = engine_state(eng2)
+    dist.barrier()
+    return out
