@@ -2,9 +2,9 @@
 
 Three pure stages, all on local tensors (no process groups, no DTensor, no DeepSpeed):
 
-* :func:`count_agreement` -- per tensor, the int64 counts ``[A, F]``: elements whose
-  Lion update agrees in sign with the gradient, and non-finite gradient elements.
-* :func:`unit_scales` -- from the (globally reduced) per-unit counts ``[A, N, F]``,
+* :func:`count_agreement` -- per tensor, the int64 counts ``[A, finite]``: elements whose
+  Lion update agrees in sign with the gradient, and finite gradient elements.
+* :func:`unit_scales` -- from the (globally reduced) per-unit counts ``[A, N, finite]``,
   the float32 agreement, the scale ``s_U`` and whether the unit steps at all.
 * :func:`apply_update` -- per tensor, weight decay, the scaled signed step and the
   momentum update, in place, leaving a skipped unit bit-for-bit unchanged.
@@ -17,18 +17,21 @@ Triton on GPU, vectorised C++ on CPU): :class:`Kernel` picks one.
 from __future__ import annotations
 
 import torch
+import torch._dynamo.config
 from torch import Tensor
 
-# Eager temporaries are at most a few chunks of this many elements (4 MiB in fp32).
-CHUNK = 1 << 20
+# Eager temporaries are a few chunks of this many elements (1 MiB in fp32): they stay in cache.
+CHUNK = 1 << 18
 
 
 def count_agreement(m: Tensor, g: Tensor, beta1: float) -> Tensor:
-    """``[A, F]`` (int64) for one tensor: ``A = #(sign(m*b1 + g*(1-b1)) * g > 0)``, ``F = #(!isfinite(g))``."""
+    """``[A, finite]`` (int64) for one tensor.
+
+    ``A = #(sign(m * b1 + g * (1 - b1)) * g > 0)`` and ``finite = #isfinite(g)``; the
+    caller turns ``N - finite`` into the count of non-finite gradient elements.
+    """
     u = m.mul(beta1).add_(g, alpha=1.0 - beta1).sign_()
-    agree = (u.mul_(g) > 0).sum()
-    nonfinite = torch.logical_not(torch.isfinite(g)).sum()
-    return torch.stack((agree, nonfinite))
+    return torch.stack(((u.mul_(g) > 0).sum(), torch.isfinite(g).sum()))
 
 
 def apply_update(
@@ -37,13 +40,15 @@ def apply_update(
     """One LionSF step of one tensor, in place.
 
     ``step_size = -lr * s_U`` and ``decay = 1 - lr * wd_eff`` are 0-d float32 tensors and
-    ``keep`` a 0-d bool: where it is false, ``p`` and ``m`` keep their values exactly.
+    ``keep`` a 0-d bool. A skipped unit (``keep`` false) gets ``step_size = 0`` and
+    ``decay = 1`` from the caller; its gradient is replaced by zeros here and its momentum
+    decay by 1, so ``p`` and ``m`` keep their values even when ``g`` holds NaN or Inf
+    (``sign`` maps NaN to 0).
     """
     u = m.mul(beta1).add_(g, alpha=1.0 - beta1).sign_()
-    p_new = p.mul(decay).add_(u.mul_(step_size))
-    m_new = m.mul(beta2).add_(g, alpha=1.0 - beta2)
-    p.copy_(torch.where(keep, p_new, p))
-    m.copy_(torch.where(keep, m_new, m))
+    p.mul_(decay).add_(u.mul_(step_size))
+    g_used = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
+    m.mul_(torch.where(keep, beta2, 1.0)).add_(g_used, alpha=1.0 - beta2)
 
 
 def unit_scales(
@@ -53,7 +58,7 @@ def unit_scales(
     ema: Tensor | None = None,
     ema_betas: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-unit ``(agreement, scale, keep)`` from reduced counts ``totals[U, 3] = [A, N, F]``.
+    """Per-unit ``(agreement, scale, keep)`` from reduced counts ``totals[U, 3] = [A, N, finite]``.
 
     ``agreement = 2 * A / N - 1`` in float32; ``scale = |agreement| ** pow`` (``negative="abs"``)
     or ``max(agreement, 0) ** pow`` (``"clamp"``). A unit steps (``keep``) when it has elements
@@ -61,8 +66,8 @@ def unit_scales(
     scale uses ``b1 * ema + (1 - b1) * agreement`` and ``ema`` is advanced in place for the
     units that step.
     """
-    agree, n, nonfinite = totals.unbind(1)
-    keep = (n > 0) & (nonfinite == 0)
+    agree, n, finite = totals.unbind(1)
+    keep = (n > 0) & (finite == n)
     frac = agree.to(torch.float32) / n.clamp(min=1).to(torch.float32)
     agreement = frac * 2.0 - 1.0
     signal = agreement
@@ -80,14 +85,30 @@ def _chunks(t: Tensor) -> list[Tensor]:
     return [flat[i : i + CHUNK] for i in range(0, flat.numel(), CHUNK)]
 
 
+def _compile(fn):
+    """``torch.compile`` with one fused loop per tensor whatever its length.
+
+    The betas are compiled in as constants: with ``dynamic=True`` torch 2.13 otherwise
+    traces Python floats symbolically and reuses a graph with a stale ``alpha`` (seen
+    here: counts computed with the previous call's ``beta1``).
+    """
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+
+    def run(*args):
+        with torch._dynamo.config.patch(specialize_float=True):
+            return compiled(*args)
+
+    return run
+
+
 class Kernel:
     """Runs :func:`count_agreement` and :func:`apply_update` eagerly or compiled."""
 
     def __init__(self, compiled: bool) -> None:
         self.compiled = compiled
         if compiled:
-            self._count = torch.compile(count_agreement, dynamic=True, fullgraph=True)
-            self._apply = torch.compile(apply_update, dynamic=True, fullgraph=True)
+            self._count = _compile(count_agreement)
+            self._apply = _compile(apply_update)
 
     def count(self, m: Tensor, g: Tensor, beta1: float) -> Tensor:
         if self.compiled:

@@ -258,9 +258,10 @@ class LionSF(Optimizer):
             host.append((-lr, 1.0 - lr * wd_eff, s.unit))
         table = torch.tensor(host, dtype=torch.float64).to(device)
         unit = table[:, 2].long()
+        keep_seg = keep[unit]
         step_size = (table[:, 0].float() * scale[unit]).unbind()
-        decay = table[:, 1].float().unbind()
-        for s, a, d, k in zip(live, step_size, decay, keep[unit].unbind()):
+        decay = torch.where(keep_seg, table[:, 1].float(), 1.0).unbind()
+        for s, a, d, k in zip(live, step_size, decay, keep_seg.unbind()):
             beta1, beta2 = s.group["betas"]
             self._kernel.apply(s.p, s.m, s.g, a, d, k, beta1, beta2)
 
