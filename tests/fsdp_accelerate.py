@@ -1,0 +1,45 @@
+"""HF Accelerate's own FSDP2 ``prepare`` on CPU, inside a gloo rank (see ``tests/fsdp_worker.py``).
+
+Accelerate enables FSDP only for GPU backends; on CPU its FSDP2 path is reached by
+building ``Accelerator(cpu=True, fsdp_plugin=...)`` and setting the state's
+``distributed_type`` and ``fsdp_plugin`` by hand. ``prepare`` then ``fully_shard`` s the
+model and swaps the sharded DTensors into the optimizer's ``param_groups`` after the
+optimizer was built (its state still keyed by the old parameters).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from tests.fsdp_cases import STEPS, full_grads, make_optimizer, tiny_model
+from tests.fsdp_layouts import full, set_grads
+
+
+def accelerate_case(rank: int, world: int, option: str) -> dict[str, Any]:
+    """``STEPS`` steps of a LionSF prepared by Accelerate (FSDP2), gradients set directly."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    model = tiny_model()
+    opt = make_optimizer(list(model.named_parameters()), option)
+    model, opt = accelerator.prepare(model, opt)
+    sd = opt.state_dict()
+    named = list(model.named_parameters())
+    for step in range(STEPS):
+        set_grads(named, full_grads(step))
+        opt.step()
+    inner = opt.optimizer
+    return {
+        "param_types": sorted({type(p).__name__ for g in inner.param_groups for p in g["params"]}),
+        "state_keys": sorted(sd["state"]),
+        "exp_avg_types": sorted({type(s["exp_avg"]).__name__ for s in sd["state"].values()}),
+        "n_params": len(named),
+        "params": {n: full(p) for n, p in named},
+        "exp_avg": {n: full(inner.state[p]["exp_avg"]) for n, p in named},
+    }
