@@ -12,6 +12,7 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 
 from lion_sf_dist.checkpoint import comm, meta, store
@@ -54,8 +55,11 @@ def save(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
     description = meta.describe(snap, optimizer, comm.world_size(), extra is not None)
     root = Path(path)
     tmp, final = comm.on_rank0(lambda: store.begin(root))
-    with _quiet_single_process():
-        dcp.save(dcp_state(snap), storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=not comm.distributed())
+    try:
+        with _quiet_single_process():
+            dcp.save(dcp_state(snap), storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=not comm.distributed())
+    except CheckpointException as e:  # a BaseException in DCP: turned into an ordinary error, on every rank
+        raise CheckpointError(f"writing checkpoint {str(final)!r} failed (the previous one is untouched): {e}") from e
 
     def seal() -> None:
         store.write_durable(tmp / store.META, json.dumps(description, indent=1).encode())
@@ -120,7 +124,7 @@ def load(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
     try:
         with _quiet_single_process():
             dcp.load(state, storage_reader=dcp.FileSystemReader(str(ckpt)), no_dist=not comm.distributed())
-    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
+    except (CheckpointException, RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
         raise CheckpointCorruptError(f"{where}: reading the tensors failed: {e}") from e
     if hot:
         _install_ema(snap, optimizer)
