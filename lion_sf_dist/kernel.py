@@ -2,9 +2,9 @@
 
 Three pure stages, all on local tensors (no process groups, no DTensor, no DeepSpeed):
 
-* :func:`count_agreement` -- per tensor, the int64 counts ``[A, finite]``: elements whose
-  Lion update agrees in sign with the gradient, and finite gradient elements.
-* :func:`unit_scales` -- from the (globally reduced) per-unit counts ``[A, N, finite]``,
+* :func:`count_agreement` -- per tensor (or chunk), ``A``: elements whose Lion update
+  agrees in sign with the gradient, and whether any gradient element is NaN or Inf.
+* :func:`unit_scales` -- from the (globally reduced) per-unit counts ``[A, N, P]``,
   the float32 agreement, the scale ``s_U`` and whether the unit steps at all.
 * :func:`apply_update` -- per tensor, weight decay, the scaled signed step and the
   momentum update, in place, leaving a skipped unit bit-for-bit unchanged.
@@ -22,16 +22,21 @@ from torch import Tensor
 
 # Eager temporaries are a few chunks of this many elements (1 MiB in fp32): they stay in cache.
 CHUNK = 1 << 18
+# The compiled kernel makes no temporaries; its chunks only keep float32 counts exact.
+COMPILED_CHUNK = 1 << 24
 
 
 def count_agreement(m: Tensor, g: Tensor, beta1: float) -> Tensor:
-    """``[A, finite]`` (int64) for one tensor.
+    """``[A, poison]`` (float32) for one tensor of at most ``2**24`` elements.
 
-    ``A = #(sign(m * b1 + g * (1 - b1)) * g > 0)`` and ``finite = #isfinite(g)``; the
-    caller turns ``N - finite`` into the count of non-finite gradient elements.
+    ``A = #(sign(m * b1 + g * (1 - b1)) * g > 0)``, exact: a float32 sum of zeros and ones
+    stays an exact integer up to ``2**24``. ``poison`` is NaN exactly when ``g`` holds a NaN
+    or an Inf (``g * 0`` is 0 for every finite value). Written with arithmetic only,
+    since boolean comparisons and ``isfinite`` cost several times more on CPU.
     """
     u = m.mul(beta1).add_(g, alpha=1.0 - beta1).sign_()
-    return torch.stack(((u.mul_(g) > 0).sum(), torch.isfinite(g).sum()))
+    agree = u.mul_(g).sign_().clamp_(min=0.0).sum(dtype=torch.float32)
+    return torch.stack((agree, g.mul(0.0).sum(dtype=torch.float32)))
 
 
 def apply_update(
@@ -41,13 +46,13 @@ def apply_update(
 
     ``step_size = -lr * s_U`` and ``decay = 1 - lr * wd_eff`` are 0-d float32 tensors and
     ``keep`` a 0-d bool. A skipped unit (``keep`` false) gets ``step_size = 0`` and
-    ``decay = 1`` from the caller; its gradient is replaced by zeros here and its momentum
-    decay by 1, so ``p`` and ``m`` keep their values even when ``g`` holds NaN or Inf
-    (``sign`` maps NaN to 0).
+    ``decay = 1`` from the caller; here its gradient becomes zeros and its momentum decay
+    1, so ``p`` and ``m`` keep their values even when ``g`` holds NaN or Inf (``sign``
+    maps NaN to 0).
     """
     u = m.mul(beta1).add_(g, alpha=1.0 - beta1).sign_()
     p.mul_(decay).add_(u.mul_(step_size))
-    g_used = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
+    g_used = g.mul(keep).nan_to_num_(0.0, 0.0, 0.0)
     m.mul_(torch.where(keep, beta2, 1.0)).add_(g_used, alpha=1.0 - beta2)
 
 
@@ -58,7 +63,7 @@ def unit_scales(
     ema: Tensor | None = None,
     ema_betas: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-unit ``(agreement, scale, keep)`` from reduced counts ``totals[U, 3] = [A, N, finite]``.
+    """Per-unit ``(agreement, scale, keep)`` from reduced counts ``totals[U, 3] = [A, N, P]`` (``P``: pieces with a non-finite gradient).
 
     ``agreement = 2 * A / N - 1`` in float32; ``scale = |agreement| ** pow`` (``negative="abs"``)
     or ``max(agreement, 0) ** pow`` (``"clamp"``). A unit steps (``keep``) when it has elements
@@ -66,8 +71,8 @@ def unit_scales(
     scale uses ``b1 * ema + (1 - b1) * agreement`` and ``ema`` is advanced in place for the
     units that step.
     """
-    agree, n, finite = totals.unbind(1)
-    keep = (n > 0) & (finite == n)
+    agree, n, poisoned = totals.unbind(1)
+    keep = (n > 0) & (poisoned == 0)
     frac = agree.to(torch.float32) / n.clamp(min=1).to(torch.float32)
     agreement = frac * 2.0 - 1.0
     signal = agreement
@@ -80,9 +85,14 @@ def unit_scales(
     return agreement, scale, keep
 
 
-def _chunks(t: Tensor) -> list[Tensor]:
-    flat = t.view(-1)
-    return [flat[i : i + CHUNK] for i in range(0, flat.numel(), CHUNK)]
+def _flat_chunks(size: int, *tensors: Tensor) -> list[tuple[Tensor, ...]]:
+    """Matching pieces of at most ``size`` elements; whole tensors unless all are contiguous."""
+    if not all(t.is_contiguous() for t in tensors):
+        if tensors[0].numel() > COMPILED_CHUNK:
+            raise ValueError("LionSF needs contiguous tensors above 2**24 elements")
+        return [tensors]
+    flats = [t.view(-1) for t in tensors]
+    return [tuple(f[i : i + size] for f in flats) for i in range(0, flats[0].numel(), size)]
 
 
 def _compile(fn):
@@ -102,30 +112,23 @@ def _compile(fn):
 
 
 class Kernel:
-    """Runs :func:`count_agreement` and :func:`apply_update` eagerly or compiled."""
+    """Runs :func:`count_agreement` and :func:`apply_update` eagerly (in cache-sized chunks) or compiled."""
 
     def __init__(self, compiled: bool) -> None:
         self.compiled = compiled
-        if compiled:
-            self._count = _compile(count_agreement)
-            self._apply = _compile(apply_update)
+        self.chunk = COMPILED_CHUNK if compiled else CHUNK
+        self._count = _compile(count_agreement) if compiled else None
+        self._apply = _compile(apply_update) if compiled else None
 
     def count(self, m: Tensor, g: Tensor, beta1: float) -> Tensor:
-        if self.compiled:
-            return self._count(m.view(-1), g.view(-1), beta1)
-        if m.numel() <= CHUNK or not (m.is_contiguous() and g.is_contiguous()):
-            return count_agreement(m, g, beta1)
-        parts = [count_agreement(mc, gc, beta1) for mc, gc in zip(_chunks(m), _chunks(g))]
-        return torch.stack(parts).sum(0)
+        """``[A, P]`` (int64): agreeing elements, and 1 if ``g`` holds a NaN or Inf, else 0."""
+        count = self._count or count_agreement
+        parts = torch.stack([count(mc, gc, beta1) for mc, gc in _flat_chunks(self.chunk, m, g)])
+        return torch.stack((parts[:, 0].to(torch.int64).sum(), parts[:, 1].isnan().any().to(torch.int64)))
 
     def apply(
         self, p: Tensor, m: Tensor, g: Tensor, step_size: Tensor, decay: Tensor, keep: Tensor, beta1: float, beta2: float
     ) -> None:
-        if self.compiled:
-            self._apply(p.view(-1), m.view(-1), g.view(-1), step_size, decay, keep, beta1, beta2)
-            return
-        if p.numel() <= CHUNK or not (p.is_contiguous() and m.is_contiguous() and g.is_contiguous()):
-            apply_update(p, m, g, step_size, decay, keep, beta1, beta2)
-            return
-        for pc, mc, gc in zip(_chunks(p), _chunks(m), _chunks(g)):
-            apply_update(pc, mc, gc, step_size, decay, keep, beta1, beta2)
+        apply = self._apply or apply_update
+        for pc, mc, gc in _flat_chunks(self.chunk, p, m, g):
+            apply(pc, mc, gc, step_size, decay, keep, beta1, beta2)
