@@ -94,5 +94,9 @@ def world2(rank: int, world: int, root_z2: str, root_f3: str, root_z3: str) -> d
     eng2 = engine(3, world, seed=7)
     checkpoint.load(root_f3, eng2, eng2.optimizer)
     out["z3_from_f3"] = engine_state(eng2)
+    eng3 = engine(3, world, seed=7)
+    train_engine(eng3, range(1), rank, world)  # non-zero exp_avg of its own
+    checkpoint.load(root_z2, eng3, eng3.optimizer, optimizer_state=False)
+    out["z3_fresh_from_z2"] = engine_state(eng3)
     dist.barrier()
     return out

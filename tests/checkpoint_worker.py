@@ -17,18 +17,22 @@ from lion_sf_dist import checkpoint
 from tests.checkpoint_cases import STEPS, Tiny, full_state, make_optimizer, train
 
 
-def fsdp2(world: int, seed: int = 0, out: int = 3) -> Any:
-    """:class:`Tiny` with ``fully_shard`` on each layer and the root, on all ranks."""
-    mesh = init_device_mesh("cpu", (world,))
+def fsdp2(world: int, seed: int = 0, out: int = 3, hsdp: bool = False) -> Any:
+    """:class:`Tiny` with ``fully_shard`` on each layer and the root, on all ranks
+    (``hsdp``: on a (replicate=2, shard=W/2) mesh)."""
+    if hsdp:
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh("cpu", (world,))
     model = Tiny(seed, out)
     fully_shard(model.a, mesh=mesh)
     fully_shard(model.b, mesh=mesh)
     return fully_shard(model, mesh=mesh)
 
 
-def load_fresh(path: str, world: int, **kw: Any) -> dict[str, Any]:
-    """Load ``path`` into a freshly initialised FSDP2 model and optimizer; their full state."""
-    model = fsdp2(world, seed=7)
+def load_fresh(path: str, world: int, hsdp: bool = False, **kw: Any) -> dict[str, Any]:
+    """Load ``path`` into a freshly initialised FSDP2 (or HSDP) model and optimizer; their full state."""
+    model = fsdp2(world, seed=7, hsdp=hsdp)
     opt = make_optimizer(model)
     extra = checkpoint.load(path, model, opt, **kw)
     return {"state": full_state(model, opt), "extra": extra}
@@ -73,7 +77,8 @@ def world3(rank: int, world: int, root4: str, root3: str) -> dict[str, Any]:
 
 def world4(rank: int, world: int, root3: str, root4: str) -> dict[str, Any]:
     """3 -> 4, a W=4 save with the bitwise resume check, and a wrong-model error at W=4."""
-    return {"from3": load_fresh(root3, world), "resume": resume_matches(rank, world, root4),
+    return {"from3": load_fresh(root3, world), "hsdp_from3": load_fresh(root3, world, hsdp=True),
+            "resume": resume_matches(rank, world, root4),
             "wrong": wrong_model_error(root4, world)}
 
 

@@ -69,6 +69,12 @@ def test_fsdp2_reshard(chain: dict, src: int, dst: int) -> None:
         assert r["extra"]["step"] == STEPS and r["extra"]["world"] == src
 
 
+def test_fsdp2_w3_to_hsdp_w4(chain: dict) -> None:
+    saved = chain["w3a"][0]["resume"]["saved"]
+    for rank, r in enumerate(_every_rank(chain["w4"], "hsdp_from3")):
+        assert_same(r["state"], saved, f"FSDP2 W=3 -> HSDP (2 x 2) W=4, rank {rank}")
+
+
 def test_single_process_to_ddp(chain: dict) -> None:
     for rank, r in enumerate(_every_rank(chain["w2"], "ddp_from1")):
         assert_same(r["state"], chain["w1_saved"], f"W=1 -> DDP W=2, rank {rank}")

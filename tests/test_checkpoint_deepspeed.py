@@ -43,3 +43,12 @@ def test_deepspeed_fsdp2_both_ways(chain: dict) -> None:
     for rank, r in enumerate(chain["w2"]):
         assert_same(r["fsdp2_from_z2"], chain["w3"][0]["z2_saved"], f"ZeRO-2 W=3 -> FSDP2 W=2, rank {rank}")
         assert_same(r["z3_from_f3"], chain["w3"][0]["f3_saved"], f"FSDP2 W=3 -> ZeRO-3 W=2, rank {rank}")
+
+
+def test_zero3_fresh_state_restart(chain: dict) -> None:
+    saved = chain["w3"][0]["z2_saved"]
+    for rank, r in enumerate(chain["w2"]):
+        state = r["z3_fresh_from_z2"]
+        assert_same({k: state[k] for k in ("params", "buffers")}, {k: saved[k] for k in ("params", "buffers")},
+                    f"ZeRO-2 -> ZeRO-3 params only, rank {rank}")
+        assert all(not m.any() for m in state["exp_avg"].values()), "exp_avg not reset"

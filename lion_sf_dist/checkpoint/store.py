@@ -109,7 +109,7 @@ def resolve(path: Path) -> Path:
             f"{str(path)!r} is an incomplete checkpoint (no {MANIFEST}: its save did not finish)")
     found = complete(path)
     damaged = [d.name for d in path.iterdir() if _NAME.match(d.name) and d not in found] if path.is_dir() else []
-    if found and damaged and damaged[-1] > found[-1].name:
+    if found and damaged and max(damaged) > found[-1].name:
         warnings.warn(f"{str(path)!r}: {sorted(damaged)} lack {MANIFEST} (damaged after their save?); "
                       f"loading the newest complete one, {found[-1].name}", stacklevel=3)
     if not found:

@@ -1,0 +1,106 @@
+"""Checkpoint save and load times: an FSDP2 GPT-2-small-block model with LionSF, CPU gloo.
+
+Each block holds GPT-2 small's block parameters (7.1M fp32); every block and the root are
+``fully_shard``-ed over W gloo ranks. After one step (non-zero ``exp_avg``) the run times
+``lion_sf_dist.checkpoint.save`` and ``load`` (hot restart, in place), each from a barrier
+to the slowest rank's end, and a load of the same checkpoint at world size 1 (one process,
+no process group). Prints seconds, and MB/s of the checkpoint's size on disk.
+
+    python launch/bench_checkpoint.py [--worlds 1 2 4] [--blocks 1] [--dir /tmp/ckpt_bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from lion_sf_dist import LionSF, checkpoint
+
+
+class Block(nn.Module):
+    def __init__(self, d: int = 768) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+
+def model_of(blocks: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[Block() for _ in range(blocks)])
+
+
+def _stepped(model: nn.Module) -> LionSF:
+    opt = LionSF(model.named_parameters(), lr=1e-4)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return opt
+
+
+def _timed(fn, distributed: bool) -> float:
+    if distributed:
+        dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    elapsed = torch.tensor(time.perf_counter() - t0)
+    if distributed:
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return float(elapsed)
+
+
+def _rank(rank: int, world: int, blocks: int, root: str, store: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    model = model_of(blocks)
+    for block in model:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = _stepped(model)
+    save = _timed(lambda: checkpoint.save(root, model, opt), True)
+    load = _timed(lambda: checkpoint.load(root, model, opt), True)
+    if rank == 0:
+        size = sum(f.stat().st_size for f in checkpoint.latest(root).iterdir()) / 1e6
+        print(f"W={world}: save {save:.2f} s ({size / save:.0f} MB/s), load {load:.2f} s ({size / load:.0f} MB/s), "
+              f"{size:.0f} MB", flush=True)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--blocks", type=int, default=1)
+    parser.add_argument("--dir", default=None)
+    args = parser.parse_args()
+    base = Path(args.dir or tempfile.mkdtemp(prefix="ckpt_bench"))
+    n = sum(p.numel() for p in model_of(args.blocks).parameters())
+    print(f"{args.blocks} GPT-2 small block(s): {n / 1e6:.1f}M parameters, LionSF (params + exp_avg fp32)")
+    for world in args.worlds:
+        root = base / f"w{world}"
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.start_processes(_rank, args=(world, args.blocks, str(root), f"{tmp}/store"), nprocs=world,
+                               start_method="spawn")
+        model = model_of(args.blocks)
+        opt = LionSF(model.named_parameters(), lr=1e-4)
+        t = _timed(lambda: checkpoint.load(root, model, opt), False)
+        print(f"  W={world} -> 1 process: load {t:.2f} s", flush=True)
+    if args.dir is None:
+        shutil.rmtree(base)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
