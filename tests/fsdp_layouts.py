@@ -5,7 +5,8 @@ Runs inside a gloo rank (see ``tests/harness.py``). Layouts by world size:
 * ``fsdp2``: ``fully_shard`` on a 1-D mesh of all ranks (every world size).
 * ``mixed1d``: ``distribute_tensor`` with ``Shard(0)``, ``Shard(1)``, ``Replicate()`` and one plain tensor.
 * ``hsdp`` (W=4): ``fully_shard`` on a ``(replicate=2, shard=2)`` mesh, ``(Replicate(), Shard(0))``.
-* ``tp_fsdp`` (W=4): ``ColwiseParallel``/``RowwiseParallel`` on the ``tp`` dim, then ``fully_shard`` on ``dp``.
+* ``tp_fsdp`` (W=4): ``ColwiseParallel``/``RowwiseParallel`` on the ``tp`` dim (7 hidden units: uneven, so the
+  column-parallel output stays a DTensor), then ``fully_shard`` on ``dp``.
 * ``mixed2d`` (W=4): parameters on a 2-D mesh, a 1-D mesh and a sub-mesh of a 3-D mesh, with
   ``(Shard, Shard)``, ``(Shard(0), Shard(0))``, ``(Shard, Replicate)`` and ``(Replicate, Replicate)``.
   It runs before ``hsdp`` so that the sub-mesh's ``(Shard, Shard)`` parameter makes LionSF
@@ -53,8 +54,9 @@ def fsdp2_model(mesh: DeviceMesh, model: Optional[nn.Module] = None) -> nn.Modul
     return fully_shard(model, mesh=mesh)
 
 
-def _tp_fsdp(meshes: Meshes) -> nn.Module:
-    model = parallelize_module(tiny_model(), meshes.tp["tp"], {"a": ColwiseParallel(), "b": RowwiseParallel()})
+def tp_fsdp_model(meshes: Meshes) -> nn.Module:
+    """:func:`tiny_model` with ``a`` column- and ``b`` row-parallel over ``tp``, then ``fully_shard`` over ``dp``."""
+    model = parallelize_module(tiny_model(), meshes.tp["tp"], {"a": ColwiseParallel(use_local_output=False), "b": RowwiseParallel()})
     return fsdp2_model(meshes.tp["dp"], model)
 
 
@@ -73,7 +75,7 @@ def build(layout: str, meshes: Meshes) -> Named:
     builders: dict[str, Callable[[], Named]] = {
         "fsdp2": lambda: list(fsdp2_model(meshes.flat).named_parameters()),
         "hsdp": lambda: list(fsdp2_model(meshes.hsdp).named_parameters()),
-        "tp_fsdp": lambda: list(_tp_fsdp(meshes).named_parameters()),
+        "tp_fsdp": lambda: list(tp_fsdp_model(meshes).named_parameters()),
         "mixed1d": lambda: _distributed({
             "a.weight": (meshes.flat, (Shard(1),)),
             "a.bias": (meshes.flat, (Shard(0),)),

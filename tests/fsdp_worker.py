@@ -14,13 +14,13 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial
 
 import lion_sf_dist.optimizer as optimizer_module
 from lion_sf_dist import LionSF
 from tests.fsdp_accelerate import accelerate_case
 from tests.fsdp_cases import BAD_STEP, NAMES, OPTIONS, STEPS, full_grads, make_optimizer, tiny_model
-from tests.fsdp_layouts import Meshes, build, describe, fsdp2_model, full, layouts, set_grads
+from tests.fsdp_layouts import Meshes, build, describe, fsdp2_model, full, layouts, set_grads, tp_fsdp_model
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
                "barrier", "all_to_all_single", "reduce", "all_gather_object", "new_group")
@@ -97,18 +97,31 @@ def count_collectives(layout: str, meshes: Meshes) -> list[tuple[str, tuple[int,
     return calls
 
 
-def train(rank: int, world: int) -> dict[str, Tensor]:
-    """``TRAIN_STEPS`` of FSDP2 training with real backward passes, each rank on its part of the batch."""
-    model = fsdp2_model(Meshes(world).flat)
+def train(model: torch.nn.Module, shard: int, shards: int) -> dict[str, Tensor]:
+    """``TRAIN_STEPS`` with real backward passes, this rank on part ``shard`` of ``shards`` of each batch."""
     opt = make_optimizer(list(model.named_parameters()), "module")
     gen = torch.Generator().manual_seed(7)
     for _ in range(TRAIN_STEPS):
         x, y = torch.randn(TRAIN_BATCH, 5, generator=gen), torch.randn(TRAIN_BATCH, 1, generator=gen)
-        loss = torch.nn.functional.mse_loss(model(x.chunk(world)[rank]), y.chunk(world)[rank])
+        loss = torch.nn.functional.mse_loss(model(x.chunk(shards)[shard]), y.chunk(shards)[shard])
         opt.zero_grad()
         loss.backward()
         opt.step()
     return {n: full(p) for n, p in model.named_parameters()}
+
+
+def partial_grad_error(meshes: Meshes) -> str:
+    """The error of a step whose gradient holds unreduced (``Partial``) sums."""
+    named = build("mixed1d", meshes)
+    opt = make_optimizer(named, "tensor")
+    set_grads(named, full_grads(0))
+    p = dict(named)["b.weight"]  # Replicate(): its local gradient is whole, as a Partial one would be
+    p.grad = DTensor.from_local(p.grad.to_local() / p.device_mesh.size(), p.device_mesh, [Partial()], run_check=False)
+    try:
+        opt.step()
+    except ValueError as e:
+        return str(e)
+    return ""
 
 
 def swapped(meshes: Meshes, option: str) -> dict:
@@ -189,9 +202,12 @@ def all_cases(rank: int, world: int) -> dict[str, Any]:
         for option in ("module", "ema"):
             out[("swapped", option)] = swapped(meshes, option)
     if world <= 2:
-        out[("train",)] = train(rank, world)
+        out[("train",)] = train(fsdp2_model(meshes.flat), rank, world)
+    if world == 4:
+        out[("train", "tp_fsdp")] = train(tp_fsdp_model(meshes), meshes.tp["dp"].get_local_rank(), 2)
     if world == 2:
         out[("fsdp1",)] = fsdp1_refused(meshes)
+        out[("partial",)] = partial_grad_error(meshes)
         out[("accelerate", "module")] = accelerate_case(rank, world, "module")
     return out
 
