@@ -105,5 +105,9 @@ def world2(rank: int, world: int, root4: str, root1: str, root_ddp: str, root_fs
     train(model, opt, range(STEPS), rank, world)
     out["fsdp2_saved"] = full_state(model, opt)
     checkpoint.save(root_fsdp2, model, opt, extra={"step": STEPS})
+    handle = checkpoint.save_async(root_fsdp2 + "_async", model, opt, extra={"step": STEPS})
+    train(model, opt, range(STEPS, 2 * STEPS), rank, world)  # overlaps the write; must not leak into it
+    handle.wait()
+    out["async_loaded"] = load_fresh(root_fsdp2 + "_async", world)["state"]
     dist.barrier()
     return out

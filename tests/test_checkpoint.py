@@ -91,6 +91,11 @@ def test_fsdp2_w2_to_single_process(chain: dict) -> None:
     assert_same(chain["w1_from_fsdp2_2"]["state"], chain["w2"][0]["fsdp2_saved"], "FSDP2 W=2 -> W=1")
 
 
+def test_fsdp2_async_save_holds_the_state_of_its_call(chain: dict) -> None:
+    for rank, r in enumerate(chain["w2"]):
+        assert_same(r["async_loaded"], r["fsdp2_saved"], f"FSDP2 W=2 asynchronous save, rank {rank}")
+
+
 def test_wrong_model_named_on_every_rank(chain: dict) -> None:
     for message in _every_rank(chain["w4"], "wrong"):
         assert "'b.weight' has shape (3, 6) in the checkpoint but (4, 6)" in message, message

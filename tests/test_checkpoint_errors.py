@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,37 @@ def test_flat_range_boxes_tile_the_range_in_order(shape: tuple[int, ...]) -> Non
         got = torch.cat(got) if got else torch.zeros(0, dtype=torch.int64)
         assert torch.equal(got, torch.arange(start, end)), (shape, start, end, boxes)
         assert len(boxes) <= max(1, 2 * len(shape) - 1)
+
+
+def test_async_save_writes_the_state_of_its_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, opt = _trained()
+    at_call = full_state(model, opt)
+    started, release = threading.Event(), threading.Event()
+    real_write = checkpoint.api.write
+
+    def slow_write(job, group=None):  # holds the write until training has changed the live tensors
+        started.set()
+        release.wait(30)
+        return real_write(job, group)
+
+    monkeypatch.setattr(checkpoint.api, "write", slow_write)
+    handle = checkpoint.save_async(tmp_path, model, opt, extra={"step": 2})
+    assert started.wait(30) and not handle.done()
+    train(model, opt, range(2, 4))
+    assert not store.complete(tmp_path)  # nothing is loadable before the write is sealed
+    release.set()
+    assert handle.wait() == checkpoint.latest(tmp_path)
+    fresh, fresh_opt = _fresh()
+    assert checkpoint.load(tmp_path, fresh, fresh_opt) == {"step": 2}
+    assert_same(full_state(fresh, fresh_opt), at_call, "asynchronous save")
+    assert not fresh.a.weight.equal(model.a.weight)  # training did change the live tensors meanwhile
+
+
+def test_async_save_failure_raised_by_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, opt = _trained()
+    monkeypatch.setattr("torch.distributed.checkpoint.filesystem._write_item", _fail)
+    handle = checkpoint.save_async(tmp_path, model, opt)
+    with pytest.raises(checkpoint.CheckpointError, match="(?s)asynchronous save .* failed.*injected failure"):
+        handle.wait()
+    monkeypatch.undo()
+    checkpoint.save(tmp_path, model, opt)  # the failure was reported once; the next save proceeds

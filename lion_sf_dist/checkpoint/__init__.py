@@ -7,6 +7,7 @@ any world size and layout loads at any other, or in one process without a proces
 """
 
 from lion_sf_dist.checkpoint.api import latest, load, save
+from lion_sf_dist.checkpoint.pending import PendingSave, save_async
 from lion_sf_dist.checkpoint.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -16,7 +17,7 @@ from lion_sf_dist.checkpoint.errors import (
 )
 
 __all__ = [
-    "save", "load", "latest",
+    "save", "save_async", "load", "latest", "PendingSave",
     "CheckpointError", "CheckpointNotFoundError", "CheckpointCorruptError",
     "ModelMismatchError", "OptimizerMismatchError",
 ]

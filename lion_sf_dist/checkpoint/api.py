@@ -7,16 +7,18 @@ import io
 import json
 import pickle
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 
-from lion_sf_dist.checkpoint import comm, meta, store
-from lion_sf_dist.checkpoint.collect import Snapshot, is_engine, dcp_state, optimizer_of, snapshot
+from lion_sf_dist.checkpoint import comm, meta, pending, store
+from lion_sf_dist.checkpoint.collect import Snapshot, copied, dcp_state, is_engine, optimizer_of, snapshot
 from lion_sf_dist.checkpoint.fragments import Fragments
 from lion_sf_dist.checkpoint.errors import CheckpointCorruptError, CheckpointError
 
@@ -48,28 +50,57 @@ def save(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
     Returns:
         The directory of the new checkpoint.
     """
+    pending.wait_previous()
+    return write(prepare(path, model, optimizer, extra, keep))
+
+
+@dataclass
+class Prepared:
+    """A save ready to be written: what DCP writes, where, and what rank 0 seals it with."""
+
+    state: dict[str, Any]
+    tmp: Path
+    final: Path
+    description: dict[str, Any]
+    extra: bytes
+    keep: Optional[int]
+
+
+def prepare(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], extra: Any,
+            keep: Optional[int], copy: bool = False) -> Prepared:
+    """Describe the checkpoint, pick its directory (rank 0) and collect what DCP writes; collective.
+
+    ``copy``: clone every local tensor, so that training may change the live ones meanwhile.
+    """
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
     optimizer = optimizer_of(model, optimizer)
     snap = snapshot(model, optimizer)
+    if copy:
+        snap = copied(snap)
     description = meta.describe(snap, optimizer, comm.world_size(), extra is not None)
-    root = Path(path)
-    tmp, final = comm.on_rank0(lambda: store.begin(root))
+    buf = io.BytesIO()
+    torch.save(extra, buf)
+    tmp, final = comm.on_rank0(lambda: store.begin(Path(path)))
+    return Prepared(dcp_state(snap), tmp, final, description, buf.getvalue(), keep)
+
+
+def write(job: Prepared, group: Optional[dist.ProcessGroup] = None) -> Path:
+    """Write ``job`` with DCP over ``group`` (default: the world), then seal and rename it on rank 0."""
     try:
         with _quiet_single_process():
-            dcp.save(dcp_state(snap), storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=not comm.distributed())
+            dcp.save(job.state, storage_writer=dcp.FileSystemWriter(str(job.tmp)), process_group=group,
+                     no_dist=not comm.distributed())
     except CheckpointException as e:  # a BaseException in DCP: turned into an ordinary error, on every rank
-        raise CheckpointError(f"writing checkpoint {str(final)!r} failed (the previous one is untouched): {e}") from e
+        raise CheckpointError(f"writing checkpoint {str(job.final)!r} failed (the previous one is untouched): {e}") from e
 
     def seal() -> None:
-        store.write_durable(tmp / store.META, json.dumps(description, indent=1).encode())
-        buf = io.BytesIO()
-        torch.save(extra, buf)
-        store.write_durable(tmp / store.EXTRA, buf.getvalue())
-        store.commit(tmp, final, keep)
+        store.write_durable(job.tmp / store.META, json.dumps(job.description, indent=1).encode())
+        store.write_durable(job.tmp / store.EXTRA, job.extra)
+        store.commit(job.tmp, job.final, job.keep)
 
-    comm.on_rank0(seal)
-    return final
+    comm.on_rank0(seal, group)
+    return job.final
 
 
 def latest(path: PathLike) -> Path:
@@ -110,6 +141,7 @@ def load(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
         OptimizerMismatchError: no saved optimizer state, another optimizer class, a parameter
             without saved ``exp_avg``, or (``hparams="error"``) differing hyper-parameters.
     """
+    pending.wait_previous()
     ckpt, saved, extra_bytes = comm.on_rank0(lambda: _open(Path(path)))
     where = f"checkpoint {str(ckpt)!r}"
     optimizer = optimizer_of(model, optimizer)

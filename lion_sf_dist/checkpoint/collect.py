@@ -138,6 +138,21 @@ def _add_optimizer(snap: Snapshot, optimizer: torch.optim.Optimizer, by_id: dict
         snap.optimizer_names.append(names)
 
 
+def copied(snap: Snapshot) -> Snapshot:
+    """``snap`` with every local tensor cloned (same layout): a consistent copy to write later."""
+
+    def clone(v: Local) -> Local:
+        if isinstance(v, Fragments):
+            return Fragments(v.shape, [(start, flat.clone()) for start, flat in v.pieces])
+        return v.clone()
+
+    return Snapshot(kind=snap.kind, params={n: clone(v) for n, v in snap.params.items()},
+                    buffers={n: clone(v) for n, v in snap.buffers.items()},
+                    exp_avg={n: clone(v) for n, v in snap.exp_avg.items()},
+                    ema={n: v.clone() for n, v in snap.ema.items()}, shapes=dict(snap.shapes),
+                    dtypes=dict(snap.dtypes), optimizer_names=[list(g) for g in snap.optimizer_names])
+
+
 def dcp_state(snap: Snapshot, *, optimizer_state: bool = True) -> dict[str, Any]:
     """The flat dict DCP saves from or loads into: ``param/``, ``buffer/``, ``exp_avg/``, ``agreement_ema/``.
 

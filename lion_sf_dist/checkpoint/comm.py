@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import torch.distributed as dist
 
@@ -24,8 +24,8 @@ def world_size() -> int:
     return dist.get_world_size() if distributed() else 1
 
 
-def on_rank0(fn: Callable[[], T]) -> T:
-    """``fn()`` run on rank 0 only, its result (or failure) shared with every rank.
+def on_rank0(fn: Callable[[], T], group: Optional[dist.ProcessGroup] = None) -> T:
+    """``fn()`` run on rank 0 only, its result (or failure) shared with every rank of ``group``.
 
     A failure on rank 0 is re-raised there and raised as a :class:`CheckpointError`
     naming it on the other ranks, so no rank waits for a collective rank 0 never joins.
@@ -38,7 +38,7 @@ def on_rank0(fn: Callable[[], T]) -> T:
             box[0] = fn()
         except Exception as e:  # shared with the other ranks, then re-raised below
             box[1] = e
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     if box[1] is not None:
         if rank() == 0:
             raise box[1]

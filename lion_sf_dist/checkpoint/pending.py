@@ -1,0 +1,85 @@
+"""Asynchronous saves: copy the state now, write it on a background thread, one save at a time.
+
+``save_async`` clones this rank's pieces (host memory equal to its share of parameters and
+optimizer state), returns, and writes them with DCP on a thread over a dedicated gloo
+process group (so the writes never interleave with training's collectives), then seals and
+renames as a synchronous save does. Every ``save``, ``save_async`` and ``load`` first waits
+for the previous asynchronous save and raises its error, if it failed.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lion_sf_dist.checkpoint import comm
+from lion_sf_dist.checkpoint.errors import CheckpointError
+
+_previous: Optional["PendingSave"] = None
+_group: Optional[dist.ProcessGroup] = None
+
+
+class PendingSave:
+    """A checkpoint being written in the background; :meth:`wait` returns its directory."""
+
+    def __init__(self, final: Path) -> None:
+        self.path = final
+        self._error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def done(self) -> bool:
+        """Whether the write has finished (successfully or not)."""
+        return self._thread is None or not self._thread.is_alive()
+
+    def wait(self) -> Path:
+        """Block until written and renamed; raise :class:`CheckpointError` if it failed."""
+        global _previous
+        if self._thread is not None:
+            self._thread.join()
+        if _previous is self:
+            _previous = None  # its outcome is now reported here, not again by the next save
+        if self._error is not None:
+            raise CheckpointError(f"asynchronous save of {str(self.path)!r} failed: {self._error}") from self._error
+        return self.path
+
+
+def wait_previous() -> None:
+    """Wait for this process's pending asynchronous save (raising its failure once)."""
+    global _previous
+    job, _previous = _previous, None
+    if job is not None:
+        job.wait()
+
+
+def save_async(path: Any, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+               extra: Any = None, *, keep: Optional[int] = 3) -> PendingSave:
+    """:func:`~lion_sf_dist.checkpoint.save` that returns once the state is copied; collective.
+
+    Training may go on at once (the copy is written); call ``.wait()`` on the result (or any
+    later ``save``/``load``, which wait) before relying on the checkpoint. Trade-off: one
+    extra host copy of this rank's parameters and optimizer state while the write runs.
+    """
+    global _previous, _group
+    from lion_sf_dist.checkpoint.api import prepare, write
+
+    wait_previous()
+    job = prepare(path, model, optimizer, extra, keep, copy=True)
+    if comm.distributed() and _group is None:
+        _group = dist.new_group(backend="gloo")
+    handle = PendingSave(job.final)
+
+    def run() -> None:
+        try:
+            write(job, _group)
+        except Exception as e:  # kept for wait(), which raises it in the caller's thread
+            handle._error = e
+
+    handle._thread = threading.Thread(target=run, name="lion_sf_dist-checkpoint", daemon=False)
+    handle._thread.start()
+    _previous = handle
+    return handle
