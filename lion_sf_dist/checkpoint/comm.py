@@ -17,10 +17,12 @@ def distributed() -> bool:
 
 
 def rank() -> int:
+    """This process's rank (0 without a process group)."""
     return dist.get_rank() if distributed() else 0
 
 
 def world_size() -> int:
+    """The number of ranks (1 without a process group)."""
     return dist.get_world_size() if distributed() else 1
 
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
 
@@ -65,7 +68,8 @@ def fragment_boxes(frag: Fragments) -> list[tuple[Box, Tensor]]:
     return out
 
 
-def sharded_tensor(frag: Fragments, boxes_by_rank: Sequence[Sequence[Box]], rank: int, dtype: torch.dtype):
+def sharded_tensor(frag: Fragments, boxes_by_rank: Sequence[Sequence[Box]], rank: int,
+                   dtype: torch.dtype) -> "ShardedTensor":
     """A DCP-writable (and -loadable) ShardedTensor whose local shards are views of ``frag``.
 
     ``boxes_by_rank[r]`` lists rank ``r``'s boxes of this tensor (every rank's, gathered),

@@ -70,6 +70,7 @@ def describe(snap: Snapshot, optimizer: Optional[torch.optim.Optimizer], world_s
 
 
 def check_format(meta: dict[str, Any], where: str) -> None:
+    """Raise unless ``meta`` describes a checkpoint of this format and a version this code reads."""
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{where}: not a {FORMAT} checkpoint (format {meta.get('format')!r})")
     if meta.get("version", 0) > VERSION:
