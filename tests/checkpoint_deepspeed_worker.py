@@ -57,8 +57,10 @@ def engine_state(eng: Any) -> dict[str, Any]:
 
     params, exp_avg = {}, {}
     for name, p in eng.module.named_parameters():
-        params[name] = safe_get_full_fp32_param(p).clone()
-        exp_avg[name] = safe_get_full_optimizer_state(p, "exp_avg").clone()
+        full = safe_get_full_fp32_param(p)  # None under ZeRO-0: the parameter is the master
+        state = safe_get_full_optimizer_state(p, "exp_avg")
+        params[name] = (p.detach() if full is None else full).clone()
+        exp_avg[name] = (eng.optimizer.state[p]["exp_avg"] if state is None else state).clone()
     return {"params": params, "buffers": {n: b.clone() for n, b in eng.module.named_buffers()}, "exp_avg": exp_avg}
 
 
@@ -94,6 +96,9 @@ def world2(rank: int, world: int, root_z2: str, root_f3: str, root_z3: str) -> d
     eng2 = engine(3, world, seed=7)
     checkpoint.load(root_f3, eng2, eng2.optimizer)
     out["z3_from_f3"] = engine_state(eng2)
+    eng0 = engine(0, world, seed=7)
+    checkpoint.load(root_z2, eng0, eng0.optimizer)
+    out["z0_from_z2"] = engine_state(eng0)
     eng3 = engine(3, world, seed=7)
     train_engine(eng3, range(1), rank, world)  # non-zero exp_avg of its own
     checkpoint.load(root_z2, eng3, eng3.optimizer, optimizer_state=False)

@@ -35,6 +35,7 @@ def test_zero2_w3_to_zero3_w2_and_single_process(chain: dict) -> None:
     for rank, r in enumerate(chain["w2"]):
         assert_same(r["z3_from_z2"], saved, f"ZeRO-2 W=3 -> ZeRO-3 W=2, rank {rank}")
         assert r["z3_extra"] == {"step": STEPS}
+        assert_same(r["z0_from_z2"], saved, f"ZeRO-2 W=3 -> ZeRO-0 W=2, rank {rank}")
     assert_same(chain["w1_from_z2"]["state"], saved, "ZeRO-2 W=3 -> W=1")
     assert_same(chain["w1_from_z3"]["state"], saved, "ZeRO-3 W=2 (reloaded) -> W=1")
 
