@@ -152,13 +152,15 @@ def test_state_follows_parameters_swapped_in(world: int, option: str) -> None:
 
 
 def test_hf_accelerate_fsdp2_prepare() -> None:
-    """Through Accelerate's own FSDP2 prepare (CPU, W=2): bitwise equal to single process."""
+    """Through Accelerate's own FSDP2 prepare (CPU, W=2): bitwise equal to single process;
+    save_state / load_state restore params and exp_avg exactly."""
     want = expected("module")
     for res in results(2):
         got = res[("accelerate", "module")]
         assert got["param_types"] == ["DTensor"], got["param_types"]
         assert got["state_keys"] == list(range(got["n_params"])) and got["exp_avg_types"] == ["DTensor"]
         assert_same(got, want, "accelerate")
+        assert got["restored"] == {"moved": True, "back": True}, got["restored"]
 
 
 def test_fsdp1_is_refused() -> None:
