@@ -2,8 +2,8 @@
 
 Each block holds GPT-2 small's block parameters (7.1M fp32); every block and the root are
 ``fully_shard``-ed over W gloo ranks. After one step (non-zero ``exp_avg``) the run times
-``lion_sf_dist.checkpoint.save`` and ``load`` (hot restart, in place), each from a barrier
-to the slowest rank's end, and a load of the same checkpoint at world size 1 (one process,
+``lion_sf_dist.checkpoint.save``, ``load`` (hot restart, in place) and ``save_async`` (the
+time it blocks, and the rest until written), each from a barrier to the slowest rank's end, and a load of the same checkpoint at world size 1 (one process,
 no process group). Prints seconds, and MB/s of the checkpoint's size on disk.
 
     python launch/bench_checkpoint.py [--worlds 1 2 4] [--blocks 1] [--dir /tmp/ckpt_bench]
@@ -72,10 +72,13 @@ def _rank(rank: int, world: int, blocks: int, root: str, store: str) -> None:
     opt = _stepped(model)
     save = _timed(lambda: checkpoint.save(root, model, opt), True)
     load = _timed(lambda: checkpoint.load(root, model, opt), True)
+    handle = []
+    blocked = _timed(lambda: handle.append(checkpoint.save_async(root, model, opt)), True)
+    background = _timed(lambda: handle[0].wait(), True)
     if rank == 0:
         size = sum(f.stat().st_size for f in checkpoint.latest(root).iterdir()) / 1e6
         print(f"W={world}: save {save:.2f} s ({size / save:.0f} MB/s), load {load:.2f} s ({size / load:.0f} MB/s), "
-              f"{size:.0f} MB", flush=True)
+              f"{size:.0f} MB; save_async blocks {blocked:.2f} s, then writes {background:.2f} s more", flush=True)
     dist.destroy_process_group()
 
 
