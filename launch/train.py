@@ -9,8 +9,9 @@ One script, three engines:
     torchrun --standalone --nproc_per_node=2 launch/train.py --engine deepspeed --zero-stage 2 --out runs/ds
 
 ``--steps`` is the step to reach: ``--resume`` continues from the newest complete
-checkpoint in ``--out`` at whatever world size the job now has. SIGTERM (preemption)
-writes a checkpoint and exits cleanly. gloo on CPU, NCCL on GPU, chosen automatically.
+checkpoint in ``--out`` at whatever world size the job now has, and so does a job that
+``torchrun --max-restarts`` restarted after a failure. SIGTERM (preemption) writes a
+checkpoint and exits cleanly. gloo on CPU, NCCL on GPU, chosen automatically.
 """
 
 from __future__ import annotations
@@ -40,19 +41,27 @@ LAUNCH = Path(__file__).resolve().parent
 
 
 def stdlib_text(max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, val) byte tensors from the standard library's .py files, split by path hash."""
+    """(train, val) byte tensors, about 90% / 10% of ``max_bytes`` of standard-library source.
+
+    Files are taken in sorted path order; a file whose path hashes to 0 mod 10 goes to
+    validation, any other to training, each side until it has its share.
+    """
     root = Path(sysconfig.get_paths()["stdlib"])
-    train, val, total = [], [], 0
+    want = {"train": max_bytes - max_bytes // 10, "val": max_bytes // 10}
+    parts: dict[str, list[bytes]] = {"train": [], "val": []}
+    have = {"train": 0, "val": 0}
     for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts or "test" in path.parts:
+        if "site-packages" in path.parts:
             continue
-        data = path.read_bytes()
-        (val if zlib.crc32(str(path.relative_to(root)).encode()) % 10 == 0 else train).append(data)
-        total += len(data)
-        if total >= max_bytes:
+        side = "val" if zlib.crc32(str(path.relative_to(root)).encode()) % 10 == 0 else "train"
+        if have[side] < want[side]:
+            data = path.read_bytes()
+            parts[side].append(data)
+            have[side] += len(data)
+        if all(have[k] >= want[k] for k in want):
             break
     as_tensor = lambda chunks: torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).long()
-    return as_tensor(train), as_tensor(val)
+    return as_tensor(parts["train"]), as_tensor(parts["val"])
 
 
 def batch(data: torch.Tensor, batch_size: int, block: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,6 +173,8 @@ def val_loss(model, data: torch.Tensor, args: argparse.Namespace, device: torch.
         x, y = batch(data, args.batch_size, args.block, seed=10**9 + i * dist.get_world_size() + dist.get_rank())
         losses.append(model(x.to(device), y.to(device)))
     model.train(was_training)
+    if hasattr(model, "reshard"):  # FSDP2 keeps the root's parameters unsharded after a forward without backward
+        model.reshard()
     mean = torch.stack(losses).mean()
     dist.all_reduce(mean)
     return mean.item() / dist.get_world_size()
@@ -207,25 +218,28 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    init_distributed("nccl" if cuda else "gloo")
     if args.engine == "deepspeed":
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    else:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # adopts the group made above
     rank, world = dist.get_rank(), dist.get_world_size()
     train, val = stdlib_text(args.data_bytes)
     model, opt, step_fn = build(args, device)
     ckpt_dir = args.out / "checkpoints"
     start = 0
-    if args.resume:
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun --max-restarts
+    if args.resume or restarted:
         try:
             start = checkpoint.load(ckpt_dir, model, opt)["step"]
         except checkpoint.CheckpointNotFoundError as e:
-            if rank == 0:
-                print(f"train.py: --resume: {e}", file=sys.stderr)
-            dist.destroy_process_group()
-            return 2
+            if args.resume:
+                if rank == 0:
+                    print(f"train.py: --resume: {e}", file=sys.stderr)
+                dist.destroy_process_group()
+                return 2
+        if rank == 0:
+            print(f"train.py: resuming at step {start} on {world} processes", file=sys.stderr)
     stop = {"signal": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
 
@@ -275,6 +289,19 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
     dist.destroy_process_group()
     return 0
+
+
+def init_distributed(backend: str) -> None:
+    """The default process group, its store keys kept apart per torchrun restart.
+
+    torchrun shares its rendezvous store with the workers; after ``--max-restarts``
+    restarts them, a worker could read the previous attempt's addresses from it and fail
+    to connect (pytorch/pytorch#135712): a prefix per attempt keeps attempts apart.
+    """
+    store, rank, world = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"train-attempt-{attempt}", store),
+                            rank=rank, world_size=world)
 
 
 def stop_requested(stop: dict, device: torch.device) -> bool:

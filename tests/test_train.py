@@ -1,0 +1,128 @@
+"""launch/train.py end to end under torchrun: loss falls, resume at another world size, SIGTERM, restarts."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--layers", "1", "--width", "32", "--heads", "2", "--block", "32", "--batch-size", "8",
+        "--data-bytes", "300000", "--eval-batches", "2", "--lr", "3e-3"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+
+
+def torchrun(nproc: int, *args: str, extra: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
+            str(ROOT / "launch" / "train.py"), *TINY, *args]
+
+
+def run(nproc: int, *args: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    proc = subprocess.run(torchrun(nproc, *args, extra=extra), env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def rows(out: Path) -> list[dict[str, float]]:
+    with open(out / "metrics.csv") as f:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def workers_of(pid: int) -> list[int]:
+    """Child processes of ``pid`` (torchrun's workers)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    end = time.time() + timeout
+    while not predicate():
+        if time.time() > end:
+            raise AssertionError("timed out waiting for the training run")
+        time.sleep(0.1)
+
+
+def test_ddp_loss_falls(tmp_path):
+    run(2, "--engine", "ddp", "--steps", "40", "--eval-every", "10", "--checkpoint-every", "0", "--out", str(tmp_path))
+    r = rows(tmp_path)
+    assert [x["step"] for x in r] == [10, 20, 30, 40]
+    assert r[-1]["val_loss"] < r[0]["val_loss"] - 0.3 and r[-1]["loss"] < 5.0
+    assert all(0.0 <= x["scale_mean"] <= 1.0 for x in r)
+
+
+def test_fsdp2_resumes_at_another_world_size(tmp_path):
+    out = str(tmp_path)
+    run(2, "--engine", "fsdp2", "--steps", "20", "--eval-every", "10", "--checkpoint-every", "10", "--out", out)
+    proc = run(3, "--engine", "fsdp2", "--steps", "30", "--eval-every", "10", "--resume", "--out", out)
+    assert "resuming at step 20 on 3 processes" in proc.stderr
+    r = rows(tmp_path)
+    assert [(x["step"], x["world_size"]) for x in r] == [(10, 2), (20, 2), (30, 3)]
+    assert r[-1]["val_loss"] < r[0]["val_loss"]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    proc = subprocess.run(torchrun(1, "--steps", "5", "--resume", "--out", str(tmp_path)), env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--resume" in proc.stderr and "checkpoint" in proc.stderr
+
+
+def test_bad_flag_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--steps", "0"], env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--steps must be >= 1" in proc.stderr
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    out = str(tmp_path)
+    proc = subprocess.Popen(torchrun(2, "--engine", "ddp", "--steps", "100000", "--eval-every", "5",
+                                     "--checkpoint-every", "0", "--out", out),
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (tmp_path / "metrics.csv").exists() and len(rows(tmp_path)) >= 1)
+        for pid in workers_of(proc.pid):
+            os.kill(pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM: checkpoint written at step" in err
+    stopped = int(re.search(r"checkpoint written at step (\d+)", err).group(1))
+    assert 1 <= stopped < 100000 and rows(tmp_path)[-1]["step"] == stopped
+    resumed = run(2, "--engine", "ddp", "--steps", str(stopped + 5), "--eval-every", "5", "--resume", "--out", out)
+    assert f"resuming at step {stopped} on 2 processes" in resumed.stderr
+
+
+def test_killed_rank_restarts_from_last_checkpoint(tmp_path):
+    out = str(tmp_path)
+    proc = subprocess.Popen(torchrun(2, "--engine", "ddp", "--steps", "400", "--eval-every", "5",
+                                     "--checkpoint-every", "10", "--out", out, extra=("--max-restarts=1",)),
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: any((tmp_path / "checkpoints").glob("ckpt-*")))
+        os.kill(max(workers_of(proc.pid)), signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    resumed_at = int(re.search(r"resuming at step (\d+)", err).group(1))
+    assert resumed_at >= 10 and resumed_at % 10 == 0
+    steps = [int(x["step"]) for x in rows(tmp_path)]
+    # the restarted run logs every step after the checkpoint once more (those past it before
+    # the kill were lost with it), and none is skipped
+    restart = len(steps) - 1 - steps[::-1].index(resumed_at + 5)
+    assert steps[restart:] == list(range(resumed_at + 5, 401, 5))
+    assert steps[:restart] == list(range(5, steps[restart - 1] + 1, 5)) and steps[restart - 1] >= resumed_at
