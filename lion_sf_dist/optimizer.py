@@ -156,8 +156,10 @@ class LionSF(Optimizer):
         return [[ref() for ref in refs] for refs in self._origin]
 
     def _refuse_flattened(self) -> None:
-        """Raise when DeepSpeed flattened our parameters and no adapter was attached to count exactly."""
-        if any(p is not None and flattened_by_deepspeed(p) for ps in self.original_params() for p in ps):
+        """Raise when DeepSpeed replaced our parameters by flat partitions and no adapter was attached."""
+        held = set(map(id, self._current_params()))
+        if any(p is not None and id(p) not in held and flattened_by_deepspeed(p)
+               for ps in self.original_params() for p in ps):
             raise RuntimeError(
                 "LionSF is being stepped by a DeepSpeed ZeRO engine it was not attached to: it would see flat "
                 "per-rank partitions instead of parameters and count the sign agreement per partition, which "

@@ -6,8 +6,11 @@ and the last bias has 1 element, fewer than the world size at W = 2, 3.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -18,6 +21,12 @@ LR = 1e-2
 HYPER = [dict(lr=LR, betas=(0.9, 0.99), weight_decay=0.1), dict(lr=2 * LR, betas=(0.8, 0.95), weight_decay=0.0)]
 # Tolerance for engine-reduced gradients (see tests/test_deepspeed.py for the justification).
 RTOL, ATOL = 1e-5, 1e-6
+LAUNCH = Path(__file__).resolve().parent.parent / "launch"
+
+
+def launch_config(stage: int) -> Path:
+    """The shipped ``launch/ds_zero{stage}.json``."""
+    return LAUNCH / f"ds_zero{stage}.json"
 
 
 def make_model() -> torch.nn.Module:
@@ -50,7 +59,10 @@ class Case:
 
     name: str
     stage: int
-    route: str = "instance"  # "instance", "config", "callable", "plain" (deepspeed.initialize: must raise)
+    # "instance", "config", "callable" (lion_sf_dist.deepspeed.initialize), "accelerate" (Accelerate + attach),
+    # "plain" / "accelerate_plain" (deepspeed.initialize / Accelerate without attach: must raise),
+    # "ema" (agreement_ema under ZeRO: attach must refuse)
+    route: str = "instance"
     agreement: str = "module"
     two_groups: bool = True
     round_robin: bool = False
@@ -58,7 +70,6 @@ class Case:
     clip: Optional[float] = None  # None: absent from the config
     sub_group_size: Optional[int] = None
     local_counts: bool = False  # control: each rank counts only its own partition
-    extra: dict = field(default_factory=dict)
 
     def config(self, world: int) -> dict[str, Any]:
         zero: dict[str, Any] = {"stage": self.stage}
@@ -94,14 +105,29 @@ CASES = [
 ]
 CONTROLS = [Case("z2_local_counts", 2, local_counts=True), Case("z3_local_counts", 3, local_counts=True,
                                                                  sub_group_size=8)]
+ACCELERATE = [Case("z2_accelerate", 2, route="accelerate"), Case("z2_accelerate_plain", 2, route="accelerate_plain")]
 PLAIN = [Case("z1_plain", 1, route="plain"), Case("z3_plain", 3, route="plain")]
+LAUNCH_CASES = [Case(f"launch_zero{s}", s, route="json", agreement="tensor", two_groups=False) for s in (1, 2, 3)]
+UNSUPPORTED = [Case("z1_agreement_ema", 1, route="ema", two_groups=False)]
+
+
+def cases_for(world: int) -> list[Case]:
+    """Everything one spawned run at ``world`` ranks does (Accelerate allows one engine per process)."""
+    accelerate = [ACCELERATE[1]] if world == 1 else [ACCELERATE[0]]
+    controls = CONTROLS if world > 1 else []
+    launch = LAUNCH_CASES if world == 2 else []
+    return CASES + controls + PLAIN + UNSUPPORTED + accelerate + launch
 
 
 def reference(case: Case) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[float]]:
     """Single-process LionSF on the same model and batch: full params, exp_avg and gradient norms by name."""
     model = make_model()
-    groups = param_groups(model, case.two_groups and case.route != "config")
-    opt = LionSF(groups, lr=HYPER[0]["lr"], agreement=case.agreement)
+    if case.route == "json":
+        hyper = json.loads(launch_config(case.stage).read_text())["optimizer"]["params"]
+        opt = LionSF(model.named_parameters(), **{**hyper, "betas": tuple(hyper["betas"])})
+    else:
+        opt = LionSF(param_groups(model, case.two_groups and case.route != "config"), lr=HYPER[0]["lr"],
+                     agreement=case.agreement)
     x, y = batch()
     norms = []
     for _ in range(STEPS):

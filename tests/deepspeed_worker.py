@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from tests.deepspeed_cases import HYPER, STEPS, Case, batch, loss_of, make_model, param_groups
+from tests.deepspeed_cases import HYPER, STEPS, Case, batch, launch_config, loss_of, make_model, param_groups
 
 
 def setup(rank: int, world: int) -> None:
@@ -35,14 +35,18 @@ def build(case: Case, world: int) -> tuple[Any, Any]:
 
     model = make_model()
     cfg = case.config(world)
-    if case.route == "config":
+    if case.route == "json":
+        engine, _, _, _ = lds.initialize(model=model, config=str(launch_config(case.stage)))
+    elif case.route == "config":
         engine, _, _, _ = lds.initialize(model=model, config=cfg)
+        assert cfg["optimizer"]["type"] == "LionSF" and "gradient_clipping" not in cfg, "caller's config was modified"
     elif case.route == "callable":
         engine, _, _, _ = lds.initialize(
             model=model, model_parameters=param_groups(model, case.two_groups),
             optimizer=lambda params: LionSF(params, lr=HYPER[0]["lr"], agreement=case.agreement), config=cfg)
     else:
-        opt = LionSF(param_groups(model, case.two_groups), lr=HYPER[0]["lr"], agreement=case.agreement)
+        opt = LionSF(param_groups(model, case.two_groups), lr=HYPER[0]["lr"], agreement=case.agreement,
+                     agreement_ema=case.route == "ema")
         init = deepspeed.initialize if case.route == "plain" else lds.initialize
         engine, _, _, _ = init(model=model, optimizer=opt, config=cfg)
     inner = engine.optimizer if isinstance(engine.optimizer, LionSF) else engine.optimizer.optimizer
@@ -76,12 +80,17 @@ def gather_fragments(engine: Any) -> tuple[dict[str, torch.Tensor], dict[str, to
 
 
 def gather_deepspeed(engine: Any, opt: Any, use_state: bool) -> tuple[dict, dict]:
-    """Full params and exp_avg through DeepSpeed's own public accessors (independent of our mapping)."""
+    """Full params and exp_avg through DeepSpeed's own means (independent of our mapping).
+
+    Parameters: stages 0-2 leave the model's (here fp32) parameters all-gathered after each
+    step; stage 3 gathers them with ``safe_get_full_fp32_param``. ``exp_avg``:
+    ``safe_get_full_optimizer_state``, or the state itself at stage 0.
+    """
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     params, exp_avg = {}, {}
     for name, p in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(p)
+        full = safe_get_full_fp32_param(p) if engine.zero_optimization_stage() == 3 else None
         params[name] = (p.detach() if full is None else full).clone()
         if use_state:
             state = safe_get_full_optimizer_state(p, "exp_avg")
@@ -90,6 +99,21 @@ def gather_deepspeed(engine: Any, opt: Any, use_state: bool) -> tuple[dict, dict
 
 
 def run_case(case: Case, world: int) -> dict[str, Any]:
+    REDUCTIONS.clear()
+    if case.route == "ema":
+        try:
+            build(case, world)
+        except NotImplementedError as e:
+            return {"error": str(e)}
+        return {"error": None}
+    if case.route.startswith("accelerate"):
+        from tests.deepspeed_accelerate import accelerate_case
+
+        res = accelerate_case(case, world)
+        if res["error"] is not None:
+            return {"error": res["error"]}
+        engine, opt = res["engine"], res["opt"]
+        return finish(case, engine, opt, None)
     engine, opt = build(case, world)
     if case.local_counts:
         for part in opt._layout.partitions:
@@ -106,7 +130,26 @@ def run_case(case: Case, world: int) -> dict[str, Any]:
                 raise
             error = str(e)
             break
-    out: dict[str, Any] = {"error": error, "clip": engine.gradient_clipping()}
+    return finish(case, engine, opt, error)
+
+
+def finish(case: Case, engine: Any, opt: Any, error: Optional[str]) -> dict[str, Any]:
+    """What the test compares: gathered params and ``exp_avg`` (both ways), coverage, scales."""
+    from lion_sf_dist.layouts import zero_internals as zi
+
+    zo = engine.optimizer
+    stage = engine.zero_optimization_stage()
+    attrs = zi.STAGE3_ATTRS if stage == 3 else zi.STAGE12_ATTRS if stage else ()
+    markers = ("ds_id", "ds_numel", "ds_shape") if stage == 3 else ("_hp_mapping",) if stage else ()
+    params = list(engine.module.parameters())
+    out: dict[str, Any] = {
+        "error": error, "clip": engine.gradient_clipping(), "stage": stage,
+        "reductions": list(REDUCTIONS),
+        "partitions": len(opt._layout.partitions) if opt._layout is not None else 0,
+        "missing_attrs": [n for n in attrs if not hasattr(zo, n)],
+        "missing_markers": [m for m in markers for p in params if not hasattr(p, m)],
+        "flattened": [zi.flattened_by_deepspeed(p) for p in params],
+    }
     if error is None:
         # DeepSpeed's stage 1/2 optimizer-state views assume the original parameter order: skip
         # them under round-robin ordering (the fragments below cover that case).
@@ -116,9 +159,26 @@ def run_case(case: Case, world: int) -> dict[str, Any]:
     return out
 
 
+REDUCTIONS: list[int] = []
+
+
+def _count_reductions() -> None:
+    """Record, per ``reduce_counts`` call, how many collectives it issues (groups of more than one rank)."""
+    import lion_sf_dist.optimizer as module
+
+    real = module.reduce_counts
+
+    def counting(slotted: torch.Tensor, groups: list) -> torch.Tensor:
+        REDUCTIONS.append(sum(1 for g in groups if g is not None and dist.get_world_size(g) > 1))
+        return real(slotted, groups)
+
+    module.reduce_counts = counting
+
+
 def run_cases(rank: int, world: int, cases: list[Case]) -> dict[str, Any]:
     """Every case on this rank: ``{case name: result}``, plus ``"_seconds"`` per case."""
     setup(rank, world)
+    _count_reductions()
     results: dict[str, Any] = {"_seconds": {}}
     for case in cases:
         t = time.time()

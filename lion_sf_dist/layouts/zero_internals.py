@@ -43,7 +43,8 @@ STAGE3_ATTRS = (
     "offload_optimizer", "swap_optimizer", "partial_offload",
 )
 # Markers DeepSpeed leaves on the model parameters it flattens (stage 1/2 and its bf16
-# optimizer link ``_hp_mapping``; stage 3 partitions carry ``ds_id``).
+# optimizer set ``_hp_mapping`` on every parameter, ``None`` where this rank holds none of
+# it; stage 3 partitions carry ``ds_id``).
 FLATTENED_MARKERS = ("_hp_mapping", "ds_id")
 
 
@@ -78,7 +79,7 @@ class Partition:
 
 def flattened_by_deepspeed(p: Tensor) -> bool:
     """Whether DeepSpeed has replaced ``p`` by flat partitions in its optimizer (ZeRO >= 1, bf16)."""
-    return any(getattr(p, name, None) is not None for name in FLATTENED_MARKERS)
+    return any(hasattr(p, name) for name in FLATTENED_MARKERS)
 
 
 def zero_stage_of(zero_optimizer: Any) -> int:
