@@ -6,6 +6,9 @@ states it saved or loaded, compared in the pytest process.
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
@@ -109,5 +112,26 @@ def world2(rank: int, world: int, root4: str, root1: str, root_ddp: str, root_fs
     train(model, opt, range(STEPS, 2 * STEPS), rank, world)  # overlaps the write; must not leak into it
     handle.wait()
     out["async_loaded"] = load_fresh(root_fsdp2 + "_async", world)["state"]
+    out["errors"] = {"missing": _error_of(root_fsdp2 + "_nowhere", world), "truncated": _truncated_error(root_fsdp2, world)}
     dist.barrier()
     return out
+
+
+def _error_of(path: str, world: int) -> str:
+    """``"Class: message"`` of loading ``path`` into an FSDP2 model on this rank."""
+    try:
+        load_fresh(path, world)
+    except checkpoint.CheckpointError as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def _truncated_error(root: str, world: int) -> str:
+    """The error of loading a copy of ``root``'s checkpoint whose first shard file rank 0 cut in half."""
+    bad = Path(root + "_truncated")
+    if dist.get_rank() == 0:
+        shutil.copytree(checkpoint.latest(root), bad)
+        shard = sorted(bad.glob("*.distcp"))[0]
+        os.truncate(shard, shard.stat().st_size // 2)
+    dist.barrier()
+    return _error_of(str(bad), world)

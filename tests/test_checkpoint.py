@@ -96,6 +96,14 @@ def test_fsdp2_async_save_holds_the_state_of_its_call(chain: dict) -> None:
         assert_same(r["async_loaded"], r["fsdp2_saved"], f"FSDP2 W=2 asynchronous save, rank {rank}")
 
 
+def test_missing_and_truncated_named_on_every_rank(chain: dict) -> None:
+    for r in chain["w2"]:
+        assert r["errors"]["missing"].startswith("CheckpointNotFoundError: checkpoint path"), r["errors"]
+        assert "does not exist" in r["errors"]["missing"], r["errors"]
+        assert r["errors"]["truncated"].startswith("CheckpointCorruptError: "), r["errors"]
+        assert "__0_0.distcp' is truncated" in r["errors"]["truncated"], r["errors"]
+
+
 def test_wrong_model_named_on_every_rank(chain: dict) -> None:
     for message in _every_rank(chain["w4"], "wrong"):
         assert "'b.weight' has shape (3, 6) in the checkpoint but (4, 6)" in message, message

@@ -29,22 +29,28 @@ def world_size() -> int:
 def on_rank0(fn: Callable[[], T], group: Optional[dist.ProcessGroup] = None) -> T:
     """``fn()`` run on rank 0 only, its result (or failure) shared with every rank of ``group``.
 
-    A failure on rank 0 is re-raised there and raised as a :class:`CheckpointError`
-    naming it on the other ranks, so no rank waits for a collective rank 0 never joins.
+    A failure on rank 0 is re-raised there; the other ranks raise the same checkpoint error
+    (same class and message), or a :class:`CheckpointError` naming any other failure, so
+    every rank fails alike and none waits for a collective rank 0 never joins.
     """
     if not distributed():
         return fn()
     box: list[Any] = [None, None]
+    failure: Optional[Exception] = None
     if rank() == 0:
         try:
             box[0] = fn()
         except Exception as e:  # shared with the other ranks, then re-raised below
-            box[1] = e
+            failure = e
+            # our own errors travel as they are (same class everywhere); others as text
+            box[1] = e if type(e).__module__ == CheckpointError.__module__ else f"{type(e).__name__}: {e}"
     dist.broadcast_object_list(box, src=0, group=group)
+    if failure is not None:
+        raise failure
+    if isinstance(box[1], CheckpointError):
+        raise box[1]
     if box[1] is not None:
-        if rank() == 0:
-            raise box[1]
-        raise CheckpointError(f"rank 0 failed: {type(box[1]).__name__}: {box[1]}")
+        raise CheckpointError(f"rank 0 failed: {box[1]}")
     return box[0]
 
 
