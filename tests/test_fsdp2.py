@@ -157,6 +157,7 @@ def test_hf_accelerate_fsdp2_prepare() -> None:
     want = expected("module")
     for res in results(2):
         got = res[("accelerate", "module")]
+        assert "error" not in got, got.get("error")
         assert got["param_types"] == ["DTensor"], got["param_types"]
         assert got["state_keys"] == list(range(got["n_params"])) and got["exp_avg_types"] == ["DTensor"]
         assert_same(got, want, "accelerate")
