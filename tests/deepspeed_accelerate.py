@@ -35,9 +35,9 @@ def accelerate_case(case: Case, world: int) -> dict[str, Any]:
     engine, wrapped = accelerator.prepare(model, opt)
     if case.route == "accelerate":
         lds.attach(engine)
-    x, y = batch()
     error = None
-    for _ in range(STEPS):
+    for step in range(STEPS):
+        x, y = batch(step)
         try:
             accelerator.backward(loss_of(engine, x, y))
         except RuntimeError as e:

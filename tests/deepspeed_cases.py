@@ -35,8 +35,9 @@ def make_model() -> torch.nn.Module:
                                torch.nn.Linear(3, 1))
 
 
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch of ``step``: the same on every rank, different across steps (so agreement varies)."""
+    g = torch.Generator().manual_seed(1 + step)
     return torch.randn(4, 7, generator=g), torch.randn(4, 1, generator=g)
 
 
@@ -70,6 +71,9 @@ class Case:
     clip: Optional[float] = None  # None: absent from the config
     sub_group_size: Optional[int] = None
     local_counts: bool = False  # control: each rank counts only its own partition
+    gas: int = 1  # gradient_accumulation_steps
+    bf16: bool = False
+    replay: bool = False  # log the full tensors LionSF saw at each step, for a bitwise replay
 
     def config(self, world: int) -> dict[str, Any]:
         zero: dict[str, Any] = {"stage": self.stage}
@@ -79,12 +83,14 @@ class Case:
             zero["offload_optimizer"] = {"device": "cpu"}
         if self.sub_group_size is not None:
             zero["sub_group_size"] = self.sub_group_size
-        cfg: dict[str, Any] = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-                               "train_batch_size": 4 * world, "zero_optimization": zero,
+        cfg: dict[str, Any] = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": self.gas,
+                               "train_batch_size": 4 * world * self.gas, "zero_optimization": zero,
                                "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
                                "steps_per_print": 10 ** 9}
         if self.clip is not None:
             cfg["gradient_clipping"] = self.clip
+        if self.bf16:
+            cfg["bf16"] = {"enabled": True}
         if self.route == "config":
             cfg["optimizer"] = {"type": "LionSF", "params": {**HYPER[0], "betas": list(HYPER[0]["betas"]),
                                                              "agreement": self.agreement}}
@@ -102,7 +108,15 @@ CASES = [
     Case("z3_instance_subgroups", 3, sub_group_size=8),
     Case("z3_config_group", 3, route="config", agreement="group", two_groups=False),
     Case("z3_offload_tensor", 3, agreement="tensor", offload=True),
+    Case("z1_accumulate", 1, gas=2),
+    Case("z3_accumulate_offload", 3, gas=2, offload=True, agreement="global"),
 ]
+# bf16 engines: their gradients differ from an fp32 run, so these are checked by replaying, on
+# one process, the exact full tensors LionSF was handed (bitwise).
+REPLAYS = [Case("z1_bf16", 1, bf16=True, replay=True), Case("z2_bf16_rr_offload", 2, bf16=True, replay=True,
+                                                             round_robin=True, offload=True),
+           Case("z3_bf16_subgroups", 3, bf16=True, replay=True, sub_group_size=8),
+           Case("z3_fp32_subgroups_replay", 3, replay=True, sub_group_size=8)]
 CONTROLS = [Case("z2_local_counts", 2, local_counts=True), Case("z3_local_counts", 3, local_counts=True,
                                                                  sub_group_size=8)]
 ACCELERATE = [Case("z2_accelerate", 2, route="accelerate"), Case("z2_accelerate_plain", 2, route="accelerate_plain")]
@@ -116,7 +130,8 @@ def cases_for(world: int) -> list[Case]:
     accelerate = [ACCELERATE[1]] if world == 1 else [ACCELERATE[0]]
     controls = CONTROLS if world > 1 else []
     launch = LAUNCH_CASES if world == 2 else []
-    return CASES + controls + PLAIN + UNSUPPORTED + accelerate + launch
+    replays = REPLAYS if world > 1 else []
+    return CASES + controls + PLAIN + UNSUPPORTED + accelerate + launch + replays
 
 
 def reference(case: Case) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[float]]:
@@ -128,9 +143,9 @@ def reference(case: Case) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
     else:
         opt = LionSF(param_groups(model, case.two_groups and case.route != "config"), lr=HYPER[0]["lr"],
                      agreement=case.agreement)
-    x, y = batch()
     norms = []
-    for _ in range(STEPS):
+    for step in range(STEPS):
+        x, y = batch(step)
         opt.zero_grad()
         loss_of(model, x, y).backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), case.clip or float("inf"))))

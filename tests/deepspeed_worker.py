@@ -115,22 +115,67 @@ def run_case(case: Case, world: int) -> dict[str, Any]:
         engine, opt = res["engine"], res["opt"]
         return finish(case, engine, opt, None)
     engine, opt = build(case, world)
+    replays = record_steps(engine, opt) if case.replay else None
     if case.local_counts:
         for part in opt._layout.partitions:
             part.process_group = None  # the control: count only this rank's elements
-    x, y = batch()
     error = None
-    for _ in range(STEPS):
-        loss = loss_of(engine, x, y)
-        engine.backward(loss)
+    for step in range(STEPS):
+        x, y = batch(step)
+        if case.bf16:
+            x, y = x.bfloat16(), y.bfloat16()
         try:
-            engine.step()
+            for _ in range(case.gas):
+                engine.backward(loss_of(engine, x, y))
+                engine.step()  # a real step only at the accumulation boundary
         except RuntimeError as e:
             if case.route != "plain":
                 raise
             error = str(e)
             break
-    return finish(case, engine, opt, error)
+    out = finish(case, engine, opt, error)
+    out["replays"] = replays
+    return out
+
+
+def _snapshot(layout: Any, names: dict[int, str], grads: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """Full ``p`` (and ``g``), ``m`` of every parameter, gathered from all ranks' partitions."""
+    mine = []
+    for k, part in enumerate(layout.partitions):
+        m = layout.optimizer.state[part.flat]["exp_avg"]
+        g = layout._pending[k].grad if grads else None
+        for f in part.fragments:
+            lo, hi = f.flat_offset, f.flat_offset + f.numel
+            mine.append((names[id(f.param)], f.shape, f.param_offset, part.flat.data[lo:hi].clone(),
+                         None if g is None else g[lo:hi].clone(), m[lo:hi].clone()))
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    full: dict[str, dict[str, torch.Tensor]] = {}
+    for frags in everyone:
+        for name, shape, off, p, g, m in frags:
+            n = torch.Size(shape).numel()
+            entry = full.setdefault(name, {"p": torch.zeros(n), "g": torch.zeros(n), "m": torch.zeros(n),
+                                           "shape": torch.Size(shape)})
+            for key, value in (("p", p), ("g", g), ("m", m)):
+                if value is not None:
+                    entry[key][off:off + value.numel()] = value
+    return full
+
+
+def record_steps(engine: Any, opt: Any) -> list:
+    """Wrap the layout's step of all partitions to log, per engine step, the full tensors before and after."""
+    layout = opt._layout
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    real = layout._step_all
+    log: list = []
+
+    def logged() -> None:
+        before = _snapshot(layout, names, grads=True)
+        real()
+        log.append((before, _snapshot(layout, names, grads=False)))
+
+    layout._step_all = logged
+    return log
 
 
 def finish(case: Case, engine: Any, opt: Any, error: Optional[str]) -> dict[str, Any]:
