@@ -88,6 +88,7 @@ def world2(rank: int, world: int, root_z2: str, root_f3: str, root_z3: str) -> d
     eng = engine(3, world, seed=7)
     out: dict[str, Any] = {"z3_extra": checkpoint.load(root_z2, eng, eng.optimizer)}
     out["z3_from_z2"] = engine_state(eng)
+    out["z3_output"] = eng(batch(0)[0]).detach()  # computed with the bit16 copies the load refreshed
     checkpoint.save(root_z3, eng, eng.optimizer)
     model = fsdp2(world, seed=7)
     opt = make_optimizer(model, ema=False)
@@ -99,6 +100,7 @@ def world2(rank: int, world: int, root_z2: str, root_f3: str, root_z3: str) -> d
     eng0 = engine(0, world, seed=7)
     checkpoint.load(root_z2, eng0, eng0.optimizer)
     out["z0_from_z2"] = engine_state(eng0)
+    out["z0_output"] = eng0(batch(0)[0]).detach()
     eng3 = engine(3, world, seed=7)
     train_engine(eng3, range(1), rank, world)  # non-zero exp_avg of its own
     checkpoint.load(root_z2, eng3, eng3.optimizer, optimizer_state=False)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from lion_sf_dist import checkpoint
 from tests import checkpoint_deepspeed_worker as worker
-from tests.checkpoint_cases import STEPS, Tiny, assert_same, full_state, make_optimizer
+from tests.checkpoint_cases import STEPS, Tiny, assert_same, batch, full_state, make_optimizer
 from tests.harness import run
 
 
@@ -20,7 +21,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
         model = Tiny(seed=7)
         opt = make_optimizer(model, ema=False)
         extra = checkpoint.load(roots[key], model, opt)
-        out[f"w1_from_{key}"] = {"state": full_state(model, opt), "extra": extra}
+        out[f"w1_from_{key}"] = {"state": full_state(model, opt), "extra": extra, "output": model(batch(0)[0]).detach()}
     return out
 
 
@@ -38,6 +39,14 @@ def test_zero2_w3_to_zero3_w2_and_single_process(chain: dict) -> None:
         assert_same(r["z0_from_z2"], saved, f"ZeRO-2 W=3 -> ZeRO-0 W=2, rank {rank}")
     assert_same(chain["w1_from_z2"]["state"], saved, "ZeRO-2 W=3 -> W=1")
     assert_same(chain["w1_from_z3"]["state"], saved, "ZeRO-3 W=2 (reloaded) -> W=1")
+
+
+def test_loaded_engines_compute_with_the_loaded_weights(chain: dict) -> None:
+    expected = chain["w1_from_z2"]["output"]
+    for rank, r in enumerate(chain["w2"]):
+        for stage in ("z3", "z0"):
+            torch.testing.assert_close(r[f"{stage}_output"], expected, rtol=0, atol=1e-6,
+                                       msg=lambda m: f"{stage} rank {rank} forward after load: {m}")
 
 
 def test_deepspeed_fsdp2_both_ways(chain: dict) -> None:
