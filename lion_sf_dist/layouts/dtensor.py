@@ -12,12 +12,22 @@ from torch.distributed.tensor import DTensor, Placement
 # ranks share one reduction instead of issuing one collective each.
 _by_ranks: dict[tuple[int, ...], dist.ProcessGroup] = {}
 _canonical_of: dict[int, tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
+_world_seen: list[Optional[dist.ProcessGroup]] = [None]
+
+
+def _forget_dead_groups() -> None:
+    """Drop cached groups when the default process group was destroyed and made anew."""
+    if _world_seen[0] is not dist.group.WORLD:
+        _by_ranks.clear()
+        _canonical_of.clear()
+        _world_seen[0] = dist.group.WORLD
 
 
 def _ranks_group(ranks: tuple[int, ...], found: Optional[dist.ProcessGroup]) -> dist.ProcessGroup:
     """The process group used for ``ranks``: ``WORLD`` for all ranks, else the first one seen (or a new one)."""
     if len(ranks) == dist.get_world_size():
         return dist.group.WORLD
+    _forget_dead_groups()
     if ranks not in _by_ranks:
         # Only the member ranks create the group (use_local_synchronization): a sub-mesh's
         # sibling meshes on other ranks build their own groups in the same step.
@@ -26,6 +36,7 @@ def _ranks_group(ranks: tuple[int, ...], found: Optional[dist.ProcessGroup]) -> 
 
 
 def _canonical(group: dist.ProcessGroup) -> dist.ProcessGroup:
+    _forget_dead_groups()
     hit = _canonical_of.get(id(group))
     if hit is None or hit[0] is not group:
         hit = (group, _ranks_group(tuple(sorted(dist.get_process_group_ranks(group))), group))
