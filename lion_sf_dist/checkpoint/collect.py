@@ -77,7 +77,8 @@ def canonical(name: str) -> str:
     return name
 
 
-def _persistent_buffers(module: nn.Module) -> dict[str, Tensor]:
+def persistent_buffers(module: nn.Module) -> dict[str, Tensor]:
+    """The buffers ``module.state_dict()`` would hold, by canonical name (shared ones once)."""
     out: dict[str, Tensor] = {}
     seen: set[int] = set()
     for mname, m in module.named_modules():
@@ -89,7 +90,8 @@ def _persistent_buffers(module: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def _describe(snap: Snapshot, name: str, t: Tensor) -> None:
+def describe_tensor(snap: Snapshot, name: str, t: Tensor) -> None:
+    """Record ``t``'s logical shape and dtype under ``name``."""
     snap.shapes[name] = tuple(t.shape)
     snap.dtypes[name] = str(t.dtype).removeprefix("torch.")
 
@@ -107,10 +109,10 @@ def snapshot(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Sn
     snap = Snapshot(kind=kind)
     for name, p in params.items():
         snap.params[name] = p.detach()
-        _describe(snap, name, p)
-    for name, b in _persistent_buffers(inner).items():
+        describe_tensor(snap, name, p)
+    for name, b in persistent_buffers(inner).items():
         snap.buffers[name] = b.detach()
-        _describe(snap, name, b)
+        describe_tensor(snap, name, b)
     if optimizer is not None:
         by_id = {id(p): n for n, p in params.items()}
         _add_optimizer(snap, optimizer, by_id)

@@ -14,16 +14,20 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lion_sf_dist.checkpoint.collect import Snapshot, _describe, _persistent_buffers, canonical
+from lion_sf_dist.checkpoint.collect import Snapshot, describe_tensor, persistent_buffers, canonical
 from lion_sf_dist.checkpoint.fragments import Fragments
 
 
 def client_optimizer(engine: Any) -> Any:
     """The LionSF an engine steps (inside its ZeRO optimizer, if any)."""
-    from lion_sf_dist.layouts.zero import _layout_of
+    from lion_sf_dist.layouts.zero_internals import client_optimizer as inner, zero_stage_of
+    from lion_sf_dist.optimizer import LionSF
 
-    layout = _layout_of(engine)
-    return getattr(layout, "optimizer", layout)
+    opt = inner(engine.optimizer) if zero_stage_of(engine.optimizer) else engine.optimizer
+    if not isinstance(opt, LionSF):
+        raise TypeError(f"checkpoint: the DeepSpeed engine steps {type(opt).__name__}; lion_sf_dist.checkpoint "
+                        "saves engines stepping a LionSF (lion_sf_dist.deepspeed.initialize or attach)")
+    return opt
 
 
 def zero_snapshot(engine: Any, optimizer: Optional[torch.optim.Optimizer]) -> Snapshot:
@@ -65,9 +69,9 @@ def zero_snapshot(engine: Any, optimizer: Optional[torch.optim.Optimizer]) -> Sn
         dtype = held.pieces[0][1].dtype if isinstance(held, Fragments) and held.pieces else (
             torch.float32 if isinstance(held, Fragments) else held.dtype)
         snap.dtypes[name] = str(dtype).removeprefix("torch.")
-    for name, b in _persistent_buffers(module).items():
+    for name, b in persistent_buffers(module).items():
         snap.buffers[name] = b.detach()
-        _describe(snap, name, b)
+        describe_tensor(snap, name, b)
     if optimizer is None:
         snap.exp_avg = {}
     else:
