@@ -1,0 +1,218 @@
+"""Convergence of LionSF against its peers on the char-LM of launch/train.py, single process.
+
+Optimizers, each at a small learning-rate sweep and several seeds, same data order:
+LionSF (constant lr, no schedule), Lion (constant lr), AdamW with linear warm-up and
+cosine decay, and schedule-free AdamW (``schedulefree.AdamWScheduleFree``). Then a
+hot-restart experiment: stop at half way and continue with the saved LionSF state, with
+a fresh ``exp_avg``, and, for comparison, extend a finished cosine AdamW run by the same
+number of steps with a new warm-up + cosine schedule.
+
+Writes ``OUT/convergence.csv`` (every evaluation), ``OUT/convergence.md`` (tables) and
+``OUT/convergence.png`` (curves at each optimizer's best lr, and the restarts).
+
+    python launch/bench_convergence.py --steps 1500 --seeds 3 --out runs/convergence
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train import GPT, batch, stdlib_text  # noqa: E402  (the training script's model and data)
+
+from lion_sf_dist import LionSF  # noqa: E402
+
+LRS = {
+    "LionSF": [3e-4, 5e-4, 1e-3],
+    "Lion": [1e-4, 3e-4, 5e-4],
+    "AdamW cosine": [1e-3, 3e-3, 6e-3],
+    "schedule-free AdamW": [1e-3, 3e-3, 6e-3],
+}
+
+
+def cosine(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 10% of the peak, as a multiplier."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+class Run:
+    """One optimizer on one model: ``train(steps)`` yields ``(step, val_loss)`` at each evaluation."""
+
+    def __init__(self, name: str, lr: float, seed: int, args: argparse.Namespace, data) -> None:
+        self.name, self.lr, self.seed, self.args = name, lr, seed, args
+        self.train_data, self.val_data = data
+        torch.manual_seed(seed)
+        self.model = GPT(args.layers, args.width, args.heads, args.block)
+        self.opt = make_optimizer(name, self.model, lr)
+        self.schedule: Callable[[int], float] = lambda s: 1.0
+        if name == "AdamW cosine":
+            self.schedule = lambda s: cosine(s, args.steps, args.steps // 20)
+        self.step = 0
+
+    def val_loss(self) -> float:
+        if hasattr(self.opt, "eval"):
+            self.opt.eval()  # schedule-free AdamW evaluates at its averaged point
+        self.model.eval()
+        with torch.no_grad():
+            losses = [self.model(*batch(self.val_data, self.args.batch_size, self.args.block, seed=10**9 + i)).item()
+                      for i in range(self.args.eval_batches)]
+        self.model.train()
+        if hasattr(self.opt, "train"):
+            self.opt.train()
+        return statistics.mean(losses)
+
+    def train(self, steps: int, schedule_offset: int = 0) -> Iterator[tuple[int, float]]:
+        for _ in range(steps):
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr * self.schedule(self.step - schedule_offset)
+            x, y = batch(self.train_data, self.args.batch_size, self.args.block, seed=self.seed * 10**7 + self.step)
+            loss = self.model(x, y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.step += 1
+            if self.step % self.args.eval_every == 0:
+                yield self.step, self.val_loss()
+
+
+def make_optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    if name == "LionSF":
+        return LionSF(model.named_parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0, agreement="module")
+    if name == "Lion":
+        from lion_pytorch import Lion
+
+        return Lion(model.parameters(), lr=lr, betas=(0.9, 0.99))
+    if name == "AdamW cosine":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    if name == "schedule-free AdamW":
+        import schedulefree
+
+        opt = schedulefree.AdamWScheduleFree(model.parameters(), lr=lr, warmup_steps=0, weight_decay=0.0)
+        opt.train()
+        return opt
+    raise ValueError(name)
+
+
+def restart_experiment(args, data, best: dict[str, float], writer) -> dict[str, list[tuple[int, float]]]:
+    """Stop at half way and restart from a checkpoint; AdamW instead extended with a new schedule.
+
+    LionSF goes through ``lion_sf_dist.checkpoint``: a hot restart loads parameters and
+    ``exp_avg``; a fresh-state restart loads the parameters only.
+    """
+    import tempfile
+
+    from lion_sf_dist import checkpoint
+
+    half = args.steps // 2
+    curves: dict[str, list[tuple[int, float]]] = {}
+    base = Run("LionSF", best["LionSF"], 0, args, data)
+    before = list(base.train(half))
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint.save(tmp, base.model, base.opt, extra={"step": half})
+        for mode, hot in (("hot restart (saved state)", True), ("fresh-state restart", False)):
+            run = Run("LionSF", best["LionSF"], 0, args, data)
+            run.step = checkpoint.load(tmp, run.model, run.opt, optimizer_state=hot)["step"]
+            curves[f"LionSF {mode}"] = before + list(run.train(args.steps - half))
+    adam = Run("AdamW cosine", best["AdamW cosine"], 0, args, data)
+    adam.schedule = lambda s: cosine(s, half, max(1, half // 20))
+    first = list(adam.train(half))
+    curves["AdamW cosine done at half, extended with a new schedule"] = first + list(
+        adam.train(args.steps - half, schedule_offset=half))
+    for name, curve in curves.items():
+        for step, loss in curve:
+            writer.writerow(["restart", name, "", 0, step, f"{loss:.5f}"])
+    return curves
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-batches", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("runs/convergence"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = stdlib_text(4_000_000)
+    finals: dict[tuple[str, float], list[float]] = {}
+    curves: dict[tuple[str, float], list[list[tuple[int, float]]]] = {}
+    t0 = time.time()
+    with open(args.out / "convergence.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["experiment", "optimizer", "lr", "seed", "step", "val_loss"])
+        for name, lrs in LRS.items():
+            for lr in lrs:
+                for seed in range(args.seeds):
+                    curve = list(Run(name, lr, seed, args, data).train(args.steps))
+                    for step, loss in curve:
+                        writer.writerow(["sweep", name, lr, seed, step, f"{loss:.5f}"])
+                    finals.setdefault((name, lr), []).append(curve[-1][1])
+                    curves.setdefault((name, lr), []).append(curve)
+                    print(f"{time.time() - t0:7.0f}s {name:22s} lr={lr:g} seed={seed} final val {curve[-1][1]:.4f}",
+                          flush=True)
+        best = {name: min(LRS[name], key=lambda lr: statistics.mean(finals[(name, lr)])) for name in LRS}
+        restarts = restart_experiment(args, data, best, writer)
+    report(args, finals, curves, best, restarts)
+
+
+def report(args, finals, curves, best, restarts) -> None:
+    lines = [f"# Convergence: {args.layers}-layer, {args.width}-wide byte-level GPT on stdlib text, "
+             f"{args.steps} steps, batch {args.batch_size}x{args.block}, {args.seeds} seeds", "",
+             "| optimizer | lr | final val loss (mean ± sd over seeds) |", "|---|---:|---:|"]
+    for (name, lr), vals in finals.items():
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        mark = " **best**" if best[name] == lr else ""
+        lines.append(f"| {name} | {lr:g}{mark} | {statistics.mean(vals):.4f} ± {sd:.4f} |")
+    lines += ["", "## Restart at half way", "", "| run | val loss at half | worst val loss after restart | final |",
+              "|---|---:|---:|---:|"]
+    half = args.steps // 2
+    for name, curve in restarts.items():
+        at_half = next(v for s, v in curve if s >= half)
+        after = [v for s, v in curve if s > half]
+        lines.append(f"| {name} | {at_half:.4f} | {max(after):.4f} | {curve[-1][1]:.4f} |")
+    (args.out / "convergence.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in best:
+        runs = curves[(name, best[name])]
+        steps = [s for s, _ in runs[0]]
+        mean = [statistics.mean(r[i][1] for r in runs) for i in range(len(steps))]
+        a.plot(steps, mean, label=f"{name} (lr {best[name]:g})")
+    a.set(xlabel="step", ylabel="validation loss", title="best lr of each, mean over seeds")
+    for name, curve in restarts.items():
+        b.plot([s for s, _ in curve], [v for _, v in curve], label=name)
+    b.axvline(half, color="grey", linestyle=":")
+    b.set(xlabel="step", ylabel="validation loss", title="restart at half way")
+    for ax in (a, b):
+        ax.legend()
+        ax.set_ylim(top=min(3.5, ax.get_ylim()[1]))
+    fig.tight_layout()
+    fig.savefig(args.out / "convergence.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
