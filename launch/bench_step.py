@@ -1,0 +1,121 @@
+"""Optimizer step time and memory, LionSF against its peers, measured side by side in one run.
+
+Parameters are shaped like GPT-2 small's transformer blocks (12 x 7.1M = 85M fp32 by
+default). Every optimizer gets its own copy of the same parameters and gradients; the
+rounds interleave the optimizers so that machine noise hits them alike. Prints the median
+step time of each, its ratio to ``AdamW(fused=True)`` and to the seed's per-tensor loop,
+and the peak memory a step allocates beyond what it holds.
+
+    python launch/bench_step.py [--blocks 12] [--rounds 7] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+from lion_pytorch.foreach import Lion as ForeachLion
+
+from lion_sf_dist import LionSF
+
+
+def gpt2_block_shapes(blocks: int, d: int = 768) -> list[tuple[int, ...]]:
+    block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return block * blocks
+
+
+class SeedLoop(torch.optim.Optimizer):
+    """The original LionSF's step as it runs: a Python loop over tensors, one host sync each."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.99), weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, (b1, b2), wd = group["lr"], group["betas"], group["weight_decay"]
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                m, g = state["exp_avg"], p.grad
+                p.mul_(1 - lr * wd)
+                u = m.clone().mul_(b1).add(g, alpha=1 - b1).sign_()
+                scale = (((u * g) > 0).mean(dtype=torch.float32) * 2 - 1).abs()
+                p.add_(u, alpha=-lr * scale.item())
+                m.mul_(b2).add_(g, alpha=1 - b2)
+
+
+def peak_rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--blocks", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-compiled", action="store_true", help="leave out the torch.compile path")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    shapes = gpt2_block_shapes(args.blocks)
+    gen = torch.Generator().manual_seed(0)
+    params0 = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
+    grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
+    n = sum(p.numel() for p in params0)
+    print(f"{n / 1e6:.1f}M fp32 parameters in {len(shapes)} tensors, {torch.get_num_threads()} threads, torch {torch.__version__}")
+
+    makers: dict[str, Callable] = {
+        "LionSF eager": lambda ps: LionSF(ps, lr=1e-4, weight_decay=0.1),
+        "LionSF compiled (use_triton=True)": lambda ps: LionSF(ps, lr=1e-4, weight_decay=0.1, use_triton=True),
+        "seed LionSF loop": lambda ps: SeedLoop(ps, lr=1e-4, weight_decay=0.1),
+        "Lion _foreach (lion-pytorch)": lambda ps: ForeachLion(ps, lr=1e-4, weight_decay=0.1),
+        "AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
+        "AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
+    }
+    if args.skip_compiled:
+        del makers["LionSF compiled (use_triton=True)"]
+    opts, times, extra = {}, {k: [] for k in makers}, {}
+    for name, make in makers.items():
+        ps = [p.clone().requires_grad_() for p in params0]
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opt = make(ps)
+        t0 = time.perf_counter()
+        opt.step()  # state creation, compilation
+        warm = time.perf_counter() - t0
+        before = rss_kib()
+        reset_peak()
+        opt.step()
+        extra[name] = (peak_rss_kib() - before) / 1024
+        opts[name] = opt
+        print(f"  {name}: first step {warm:.2f} s")
+    for _ in range(args.rounds):
+        for name, opt in opts.items():
+            t0 = time.perf_counter()
+            opt.step()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    fused, seed = med["AdamW fused"], med["seed LionSF loop"]
+    print(f"\n| optimizer | median step (ms) | x AdamW fused | seed loop / this | peak extra memory in step (MiB) |")
+    print("|---|---:|---:|---:|---:|")
+    for name in makers:
+        print(f"| {name} | {med[name]:.1f} | {med[name] / fused:.2f} | {seed / med[name]:.1f} | {extra[name]:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
