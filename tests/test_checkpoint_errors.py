@@ -273,3 +273,12 @@ def test_async_save_failure_raised_by_wait(tmp_path: Path, monkeypatch: pytest.M
         handle.wait()
     monkeypatch.undo()
     checkpoint.save(tmp_path, model, opt)  # the failure was reported once; the next save proceeds
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compiled_model_uses_plain_names(tmp_path: Path) -> None:
+    model, opt = _trained()
+    checkpoint.save(tmp_path, torch.compile(model), opt)  # parameters named "_orig_mod.a.weight" there
+    fresh, fresh_opt = _fresh()
+    checkpoint.load(tmp_path, fresh, fresh_opt)
+    assert_same(full_state(fresh, fresh_opt), full_state(model, opt), "torch.compile -> plain")
