@@ -62,7 +62,7 @@ class Case:
     stage: int
     # "instance", "config", "callable" (lion_sf_dist.deepspeed.initialize), "accelerate" (Accelerate + attach),
     # "plain" / "accelerate_plain" (deepspeed.initialize / Accelerate without attach: must raise),
-    # "ema" (agreement_ema under ZeRO: attach must refuse)
+    # "ema" (agreement_ema under ZeRO: attach must refuse), "resume" (DeepSpeed checkpoint round trip)
     route: str = "instance"
     agreement: str = "module"
     two_groups: bool = True
@@ -122,6 +122,7 @@ CONTROLS = [Case("z2_local_counts", 2, local_counts=True), Case("z3_local_counts
 ACCELERATE = [Case("z2_accelerate", 2, route="accelerate"), Case("z2_accelerate_plain", 2, route="accelerate_plain")]
 PLAIN = [Case("z1_plain", 1, route="plain"), Case("z3_plain", 3, route="plain")]
 LAUNCH_CASES = [Case(f"launch_zero{s}", s, route="json", agreement="tensor", two_groups=False) for s in (1, 2, 3)]
+RESUMES = [Case(f"z{s}_resume", s, route="resume") for s in (1, 2, 3)]
 UNSUPPORTED = [Case("z1_agreement_ema", 1, route="ema", two_groups=False)]
 
 
@@ -131,7 +132,8 @@ def cases_for(world: int) -> list[Case]:
     controls = CONTROLS if world > 1 else []
     launch = LAUNCH_CASES if world == 2 else []
     replays = REPLAYS if world > 1 else []
-    return CASES + controls + PLAIN + UNSUPPORTED + accelerate + launch + replays
+    resumes = RESUMES if world == 3 else []
+    return CASES + controls + PLAIN + UNSUPPORTED + accelerate + launch + replays + resumes
 
 
 def reference(case: Case) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[float]]:

@@ -100,6 +100,8 @@ def gather_deepspeed(engine: Any, opt: Any, use_state: bool) -> tuple[dict, dict
 
 def run_case(case: Case, world: int) -> dict[str, Any]:
     REDUCTIONS.clear()
+    if case.route == "resume":
+        return resume_case(case, world)
     if case.route == "ema":
         try:
             build(case, world)
@@ -136,6 +138,39 @@ def run_case(case: Case, world: int) -> dict[str, Any]:
     out = finish(case, engine, opt, error)
     out["replays"] = replays
     return out
+
+
+def _train(engine: Any, steps: range) -> None:
+    for step in steps:
+        x, y = batch(step)
+        engine.backward(loss_of(engine, x, y))
+        engine.step()
+
+
+def resume_case(case: Case, world: int) -> dict[str, Any]:
+    """DeepSpeed's own ``save_checkpoint`` after one step, ``load_checkpoint`` into a fresh engine, go on.
+
+    Returns the resumed run's gathered tensors and the uninterrupted run's.
+    """
+    import tempfile
+
+    holder: list[Any] = [tempfile.mkdtemp(prefix="lionsf_ds_") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(holder, src=0)
+    engine, opt = build(case, world)
+    _train(engine, range(1))
+    engine.save_checkpoint(holder[0], tag="one")
+    _train(engine, range(1, STEPS))
+    uninterrupted = gather_fragments(engine)
+    engine, opt = build(case, world)
+    engine.load_checkpoint(holder[0], tag="one")
+    _train(engine, range(1, STEPS))
+    resumed = gather_fragments(engine)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        import shutil
+
+        shutil.rmtree(holder[0])
+    return {"error": None, "uninterrupted": uninterrupted, "resumed": resumed}
 
 
 def _snapshot(layout: Any, names: dict[int, str], grads: bool) -> dict[str, dict[str, torch.Tensor]]:

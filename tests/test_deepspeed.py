@@ -28,7 +28,7 @@ import torch
 
 from tests.deepspeed_cases import (
     ACCELERATE, ATOL, CASES, CONTROLS, HYPER, LAUNCH_CASES, PLAIN, REPLAYS, RTOL, STEPS, UNSUPPORTED, Case, cases_for,
-    make_model, param_groups, reference,
+    RESUMES, make_model, param_groups, reference,
 )
 from tests.deepspeed_worker import run_cases
 from lion_sf_dist import LionSF
@@ -187,3 +187,12 @@ def test_bitwise_replay_of_what_lionsf_was_handed(world: int, case: Case) -> Non
             assert torch.equal(named[name].detach().view(-1), t["p"]), name
             assert torch.equal(opt.state[named[name]]["exp_avg"].view(-1), t["m"]), name
     assert any((s < 1).any() for s in scales), "every unit fully agreed: the replay could not tell counts apart"
+
+
+@pytest.mark.parametrize("case", RESUMES, ids=[c.name for c in RESUMES])
+def test_deepspeed_checkpoint_resume_equals_uninterrupted(case: Case) -> None:
+    """``engine.save_checkpoint`` / ``load_checkpoint`` keep LionSF's per-partition ``exp_avg``: bitwise."""
+    r = results(3)[0][case.name]
+    for a, b in zip(r["resumed"][:2], r["uninterrupted"][:2]):
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[n], b[n]) for n in a)
