@@ -16,6 +16,19 @@ Gradient clipping: DeepSpeed 0.19.8 clips gradients to norm 1.0 when the config 
 ``gradient_clipping``, which changes Lion's update signs. ``initialize`` treats a missing
 value as 0 (no clipping, as the LionSF author trains); an explicit value is honoured.
 ``attach`` leaves the engine's setting as it was built.
+
+Non-finite gradients: under ZeRO 1-3 DeepSpeed itself skips the whole step when the
+gradient norm is not finite (LionSF is not called); under ZeRO-0 LionSF skips the units
+holding a non-finite gradient, on every rank alike. Nothing is poisoned either way.
+
+Checkpoints: ``engine.save_checkpoint`` / ``load_checkpoint`` keep the per-partition
+``exp_avg`` (same world size and stage); ``lion_sf_dist.checkpoint`` reshards, using
+:func:`zero_fragments` (each rank's slices of each logical parameter).
+
+Not supported: ``agreement_ema=True`` under ZeRO 1-3, NVMe or partial optimizer offload,
+bf16/fp16 without ZeRO (DeepSpeed wraps the optimizer in its own flat-partition optimizer),
+ZenFlow and Muon groups; ``attach`` raises for each. ``ds_to_universal`` cannot convert
+LionSF checkpoints (it expects Adam's ``exp_avg_sq``).
 """
 
 from __future__ import annotations

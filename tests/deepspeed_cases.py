@@ -46,6 +46,12 @@ def loss_of(model: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((model(x) - y) ** 2).sum() * 4.0
 
 
+def poison(grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` with one element set to +inf (in place, returned)."""
+    grad.view(-1)[3] = float("inf")
+    return grad
+
+
 def param_groups(model: torch.nn.Module, two: bool) -> list[dict[str, Any]]:
     named = list(model.named_parameters())
     if not two:
@@ -74,6 +80,12 @@ class Case:
     gas: int = 1  # gradient_accumulation_steps
     bf16: bool = False
     replay: bool = False  # log the full tensors LionSF saw at each step, for a bitwise replay
+    poison: Optional[int] = None  # the step at which one gradient element of "0.weight" is +inf
+
+    @property
+    def lionsf_steps(self) -> int:
+        """Steps LionSF takes: ZeRO 1-3 skip a whole step with a non-finite gradient norm themselves."""
+        return STEPS - (self.poison is not None and self.stage > 0)
 
     def config(self, world: int) -> dict[str, Any]:
         zero: dict[str, Any] = {"stage": self.stage}
@@ -110,6 +122,9 @@ CASES = [
     Case("z3_offload_tensor", 3, agreement="tensor", offload=True),
     Case("z1_accumulate", 1, gas=2),
     Case("z3_accumulate_offload", 3, gas=2, offload=True, agreement="global"),
+    Case("z0_nonfinite", 0, poison=1),
+    Case("z2_nonfinite", 2, poison=1),
+    Case("z3_nonfinite", 3, poison=1),
 ]
 # bf16 engines: their gradients differ from an fp32 run, so these are checked by replaying, on
 # one process, the exact full tensors LionSF was handed (bitwise).
@@ -151,6 +166,10 @@ def reference(case: Case) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
         opt.zero_grad()
         loss_of(model, x, y).backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), case.clip or float("inf"))))
+        if step == case.poison:
+            if case.stage > 0:
+                continue  # DeepSpeed ZeRO skips the step (non-finite norm) before LionSF sees it
+            poison(model[0].weight.grad)  # ZeRO-0: LionSF skips the unit holding it
         opt.step()
     names = {id(p): n for n, p in model.named_parameters()}
     params = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -14,7 +14,9 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from tests.deepspeed_cases import HYPER, STEPS, Case, batch, launch_config, loss_of, make_model, param_groups
+from tests.deepspeed_cases import (
+    HYPER, STEPS, Case, batch, launch_config, loss_of, make_model, param_groups, poison,
+)
 
 
 def setup(rank: int, world: int) -> None:
@@ -122,10 +124,12 @@ def run_case(case: Case, world: int) -> dict[str, Any]:
         for part in opt._layout.partitions:
             part.process_group = None  # the control: count only this rank's elements
     error = None
+    weight = dict(engine.module.named_parameters())["0.weight"]
     for step in range(STEPS):
         x, y = batch(step)
         if case.bf16:
             x, y = x.bfloat16(), y.bfloat16()
+        hook = weight.register_hook(lambda g: poison(g.clone())) if step == case.poison else None
         try:
             for _ in range(case.gas):
                 engine.backward(loss_of(engine, x, y))
@@ -135,6 +139,8 @@ def run_case(case: Case, world: int) -> dict[str, Any]:
                 raise
             error = str(e)
             break
+        if hook is not None:
+            hook.remove()
     out = finish(case, engine, opt, error)
     out["replays"] = replays
     return out

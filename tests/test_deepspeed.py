@@ -109,7 +109,7 @@ def test_one_reduction_per_engine_step(world: int) -> None:
     for case in CASES:
         r = results(world)[0][case.name]
         expected = 1 if world > 1 and case.stage > 0 else 0
-        assert r["reductions"] == [expected] * STEPS, (case.name, r["reductions"])
+        assert r["reductions"] == [expected] * case.lionsf_steps, (case.name, r["reductions"])
 
 
 def test_units_spanning_partitions_were_deferred() -> None:
@@ -135,6 +135,19 @@ def test_accelerate_without_attach_raises_naming_the_fixes() -> None:
 def test_agreement_ema_under_zero_is_refused() -> None:
     error = results(1)[0][UNSUPPORTED[0].name]["error"]
     assert error is not None and "agreement_ema" in error
+
+
+def test_nonfinite_gradient_poisons_nothing() -> None:
+    """ZeRO-0: LionSF skips the unit holding a +inf gradient; ZeRO 1-3: DeepSpeed skips the whole step.
+
+    Both are compared with the single-process run in ``test_matches_single_process``; here:
+    everything stays finite, and LionSF stepped only where it should.
+    """
+    for world in WORLDS:
+        for case in (c for c in CASES if c.poison is not None):
+            r = results(world)[0][case.name]
+            assert all(torch.isfinite(t).all() for t in [*r["params"].values(), *r["exp_avg"].values()])
+            assert len(r["reductions"]) == case.lionsf_steps
 
 
 def test_clipping_policy() -> None:
