@@ -14,15 +14,22 @@ from typing import Any
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lion_sf_dist import checkpoint
 from tests.checkpoint_cases import STEPS, Tiny, full_state, make_optimizer, train
 
 
-def fsdp2(world: int, seed: int = 0, out: int = 3, hsdp: bool = False) -> Any:
+def fsdp2(world: int, seed: int = 0, out: int = 3, hsdp: bool = False, tp: bool = False) -> Any:
     """:class:`Tiny` with ``fully_shard`` on each layer and the root, on all ranks
-    (``hsdp``: on a (replicate=2, shard=W/2) mesh)."""
+    (``hsdp``: on a (replicate=2, shard=W/2) mesh; ``tp``: tensor parallel over 2 ranks, then FSDP2)."""
+    if tp:
+        mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+        model = parallelize_module(Tiny(seed, out), mesh["tp"], {"a": ColwiseParallel(), "b": RowwiseParallel()})
+        fully_shard(model.a, mesh=mesh["dp"])
+        fully_shard(model.b, mesh=mesh["dp"])
+        return fully_shard(model, mesh=mesh["dp"])
     if hsdp:
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
     else:
@@ -33,9 +40,9 @@ def fsdp2(world: int, seed: int = 0, out: int = 3, hsdp: bool = False) -> Any:
     return fully_shard(model, mesh=mesh)
 
 
-def load_fresh(path: str, world: int, hsdp: bool = False, **kw: Any) -> dict[str, Any]:
-    """Load ``path`` into a freshly initialised FSDP2 (or HSDP) model and optimizer; their full state."""
-    model = fsdp2(world, seed=7, hsdp=hsdp)
+def load_fresh(path: str, world: int, hsdp: bool = False, tp: bool = False, **kw: Any) -> dict[str, Any]:
+    """Load ``path`` into a freshly initialised FSDP2 (HSDP, TP x FSDP2) model and optimizer; their full state."""
+    model = fsdp2(world, seed=7, hsdp=hsdp, tp=tp)
     opt = make_optimizer(model)
     extra = checkpoint.load(path, model, opt, **kw)
     return {"state": full_state(model, opt), "extra": extra}
@@ -81,6 +88,7 @@ def world3(rank: int, world: int, root4: str, root3: str) -> dict[str, Any]:
 def world4(rank: int, world: int, root3: str, root4: str) -> dict[str, Any]:
     """3 -> 4, a W=4 save with the bitwise resume check, and a wrong-model error at W=4."""
     return {"from3": load_fresh(root3, world), "hsdp_from3": load_fresh(root3, world, hsdp=True),
+            "tp_from3": load_fresh(root3, world, tp=True),
             "resume": resume_matches(rank, world, root4),
             "wrong": wrong_model_error(root4, world)}
 

@@ -69,10 +69,11 @@ def test_fsdp2_reshard(chain: dict, src: int, dst: int) -> None:
         assert r["extra"]["step"] == STEPS and r["extra"]["world"] == src
 
 
-def test_fsdp2_w3_to_hsdp_w4(chain: dict) -> None:
+@pytest.mark.parametrize("layout", ["hsdp", "tp"])
+def test_fsdp2_w3_to_2d_meshes_w4(chain: dict, layout: str) -> None:
     saved = chain["w3a"][0]["resume"]["saved"]
-    for rank, r in enumerate(_every_rank(chain["w4"], "hsdp_from3")):
-        assert_same(r["state"], saved, f"FSDP2 W=3 -> HSDP (2 x 2) W=4, rank {rank}")
+    for rank, r in enumerate(_every_rank(chain["w4"], f"{layout}_from3")):
+        assert_same(r["state"], saved, f"FSDP2 W=3 -> {layout} (2 x 2) W=4, rank {rank}")
 
 
 def test_single_process_to_ddp(chain: dict) -> None:
