@@ -28,13 +28,14 @@ def setup(rank: int, world: int) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
 
 
-def engine(stage: int, world: int, seed: int = 0) -> Any:
-    """A ZeRO-``stage`` engine of :class:`Tiny` stepping an attached LionSF (two param groups)."""
+def engine(stage: int, world: int, seed: int = 0, **zero: Any) -> Any:
+    """A ZeRO-``stage`` engine of :class:`Tiny` stepping an attached LionSF (two param groups);
+    ``zero``: more ``zero_optimization`` settings."""
     from lion_sf_dist import deepspeed as lds
 
     model = Tiny(seed)
     config = {"train_micro_batch_size_per_gpu": BATCH // world, "gradient_accumulation_steps": 1,
-              "train_batch_size": BATCH, "zero_optimization": {"stage": stage},
+              "train_batch_size": BATCH, "zero_optimization": {"stage": stage, **zero},
               "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
               "steps_per_print": 10 ** 9}
     eng, _, _, _ = lds.initialize(model=model, optimizer=make_optimizer(model, ema=False), config=config)
@@ -97,6 +98,9 @@ def world2(rank: int, world: int, root_z2: str, root_f3: str, root_z3: str) -> d
     eng2 = engine(3, world, seed=7)
     checkpoint.load(root_f3, eng2, eng2.optimizer)
     out["z3_from_f3"] = engine_state(eng2)
+    sub = engine(3, world, seed=7, sub_group_size=8, offload_optimizer={"device": "cpu"})
+    checkpoint.load(root_z2, sub, sub.optimizer)
+    out["z3sub_from_z2"], out["z3sub_output"] = engine_state(sub), sub(batch(0)[0]).detach()
     eng0 = engine(0, world, seed=7)
     checkpoint.load(root_z2, eng0, eng0.optimizer)
     out["z0_from_z2"] = engine_state(eng0)

@@ -37,6 +37,7 @@ def test_zero2_w3_to_zero3_w2_and_single_process(chain: dict) -> None:
         assert_same(r["z3_from_z2"], saved, f"ZeRO-2 W=3 -> ZeRO-3 W=2, rank {rank}")
         assert r["z3_extra"] == {"step": STEPS}
         assert_same(r["z0_from_z2"], saved, f"ZeRO-2 W=3 -> ZeRO-0 W=2, rank {rank}")
+        assert_same(r["z3sub_from_z2"], saved, f"ZeRO-2 W=3 -> ZeRO-3 (sub-groups, offload) W=2, rank {rank}")
     assert_same(chain["w1_from_z2"]["state"], saved, "ZeRO-2 W=3 -> W=1")
     assert_same(chain["w1_from_z3"]["state"], saved, "ZeRO-3 W=2 (reloaded) -> W=1")
 
@@ -44,7 +45,7 @@ def test_zero2_w3_to_zero3_w2_and_single_process(chain: dict) -> None:
 def test_loaded_engines_compute_with_the_loaded_weights(chain: dict) -> None:
     expected = chain["w1_from_z2"]["output"]
     for rank, r in enumerate(chain["w2"]):
-        for stage in ("z3", "z0"):
+        for stage in ("z3", "z3sub", "z0"):
             torch.testing.assert_close(r[f"{stage}_output"], expected, rtol=0, atol=1e-6,
                                        msg=lambda m: f"{stage} rank {rank} forward after load: {m}")
 
