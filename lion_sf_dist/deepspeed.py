@@ -25,7 +25,9 @@ Checkpoints: ``engine.save_checkpoint`` / ``load_checkpoint`` keep the per-parti
 ``exp_avg`` (same world size and stage); ``lion_sf_dist.checkpoint`` reshards, using
 :func:`zero_fragments` (each rank's slices of each logical parameter).
 
-Not supported: ``agreement_ema=True`` under ZeRO 1-3, NVMe or partial optimizer offload,
+``agreement_ema=True`` keeps its per-unit vector in every partition's state (``"agreement_ema"``).
+
+Not supported: NVMe or partial optimizer offload,
 bf16/fp16 without ZeRO (DeepSpeed wraps the optimizer in its own flat-partition optimizer),
 ZenFlow and Muon groups; ``attach`` raises for each. ``ds_to_universal`` cannot convert
 LionSF checkpoints (it expects Adam's ``exp_avg_sq``).
@@ -105,7 +107,7 @@ def attach(engine: Any) -> LionSF:
 
     Raises ``TypeError`` when the engine's optimizer is not LionSF (or not one of the
     supported wrappers), ``NotImplementedError`` for configurations it cannot step exactly
-    (NVMe or partial offload, ``agreement_ema`` under ZeRO, bf16/fp16 without ZeRO).
+    (NVMe or partial offload, bf16/fp16 without ZeRO).
     """
     outer = engine.optimizer
     stage = zero_stage_of(outer)
@@ -122,8 +124,6 @@ def attach(engine: Any) -> LionSF:
     if not isinstance(opt, LionSF):
         raise TypeError(f"lion_sf_dist.deepspeed.attach: the engine steps {type(opt).__name__}, not LionSF")
     reason = unsupported_reason(outer)
-    if reason is None and opt.agreement_ema:
-        reason = "agreement_ema=True under ZeRO stages 1-3 is not supported yet"
     if reason is not None:
         raise NotImplementedError(f"lion_sf_dist.deepspeed.attach: {reason}")
     partitions = stage3_partitions(outer) if stage == 3 else stage12_partitions(outer)
@@ -133,11 +133,15 @@ def attach(engine: Any) -> LionSF:
         for p, u in zip(params, ids)
         if p is not None
     }
+    unit_group: dict[int, dict[str, Any]] = {}
+    for group, ids in zip(opt.param_groups, opt.units.ids):
+        for u in ids:
+            unit_group.setdefault(u, group)
     unknown = [f.shape for part in partitions for f in part.fragments if id(f.param) not in unit_of]
     if unknown:
         raise RuntimeError(f"lion_sf_dist.deepspeed.attach: DeepSpeed partitions hold parameters (shapes {unknown}) "
                            "that the LionSF was not constructed with")
-    opt._layout = ZeroLayout(opt, partitions, unit_of)
+    opt._layout = ZeroLayout(opt, partitions, unit_of, [unit_group[u] for u in range(opt.units.count)])
     return opt
 
 

@@ -290,6 +290,8 @@ class LionSF(Optimizer):
 
     def _ema_state(self, device: torch.device) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """The per-unit agreement average as one vector, mirrored in each parameter's state."""
+        if self._layout is not None:
+            return self._layout.ema_state(device)
         units = self.units
         first: dict[int, tuple[dict, dict]] = {}
         for group, ids in zip(self.param_groups, units.ids):

@@ -68,7 +68,7 @@ class Case:
     stage: int
     # "instance", "config", "callable" (lion_sf_dist.deepspeed.initialize), "accelerate" (Accelerate + attach),
     # "plain" / "accelerate_plain" (deepspeed.initialize / Accelerate without attach: must raise),
-    # "ema" (agreement_ema under ZeRO: attach must refuse), "resume" (DeepSpeed checkpoint round trip)
+    # "unsupported" (attach must refuse), "resume" (DeepSpeed checkpoint round trip)
     route: str = "instance"
     agreement: str = "module"
     two_groups: bool = True
@@ -80,6 +80,7 @@ class Case:
     gas: int = 1  # gradient_accumulation_steps
     bf16: bool = False
     replay: bool = False  # log the full tensors LionSF saw at each step, for a bitwise replay
+    ema: bool = False  # agreement_ema
     poison: Optional[int] = None  # the step at which one gradient element of "0.weight" is +inf
 
     @property
@@ -105,7 +106,7 @@ class Case:
             cfg["bf16"] = {"enabled": True}
         if self.route == "config":
             cfg["optimizer"] = {"type": "LionSF", "params": {**HYPER[0], "betas": list(HYPER[0]["betas"]),
-                                                             "agreement": self.agreement}}
+                                                             "agreement": self.agreement, "agreement_ema": self.ema}}
         return cfg
 
 
@@ -122,6 +123,8 @@ CASES = [
     Case("z3_offload_tensor", 3, agreement="tensor", offload=True),
     Case("z1_accumulate", 1, gas=2),
     Case("z3_accumulate_offload", 3, gas=2, offload=True, agreement="global"),
+    Case("z1_ema_tensor", 1, agreement="tensor", ema=True),
+    Case("z3_ema_config_global", 3, route="config", agreement="global", two_groups=False, ema=True),
     Case("z0_nonfinite", 0, poison=1),
     Case("z2_nonfinite", 2, poison=1),
     Case("z3_nonfinite", 3, poison=1),
@@ -137,8 +140,10 @@ CONTROLS = [Case("z2_local_counts", 2, local_counts=True), Case("z3_local_counts
 ACCELERATE = [Case("z2_accelerate", 2, route="accelerate"), Case("z2_accelerate_plain", 2, route="accelerate_plain")]
 PLAIN = [Case("z1_plain", 1, route="plain"), Case("z3_plain", 3, route="plain")]
 LAUNCH_CASES = [Case(f"launch_zero{s}", s, route="json", agreement="tensor", two_groups=False) for s in (1, 2, 3)]
-RESUMES = [Case(f"z{s}_resume", s, route="resume") for s in (1, 2, 3)]
-UNSUPPORTED = [Case("z1_agreement_ema", 1, route="ema", two_groups=False)]
+RESUMES = [Case(f"z{s}_resume", s, route="resume") for s in (1, 2, 3)] + [
+    Case("z3_ema_resume", 3, route="resume", ema=True, sub_group_size=8, two_groups=False)]
+# bf16 without ZeRO: DeepSpeed wraps the optimizer in its own flat-partition optimizer.
+UNSUPPORTED = [Case("z0_bf16", 0, route="unsupported", bf16=True)]
 
 
 def cases_for(world: int) -> list[Case]:
@@ -159,7 +164,7 @@ def reference(case: Case) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
         opt = LionSF(model.named_parameters(), **{**hyper, "betas": tuple(hyper["betas"])})
     else:
         opt = LionSF(param_groups(model, case.two_groups and case.route != "config"), lr=HYPER[0]["lr"],
-                     agreement=case.agreement)
+                     agreement=case.agreement, agreement_ema=case.ema)
     norms = []
     for step in range(STEPS):
         x, y = batch(step)

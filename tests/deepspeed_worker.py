@@ -48,7 +48,7 @@ def build(case: Case, world: int) -> tuple[Any, Any]:
             optimizer=lambda params: LionSF(params, lr=HYPER[0]["lr"], agreement=case.agreement), config=cfg)
     else:
         opt = LionSF(param_groups(model, case.two_groups), lr=HYPER[0]["lr"], agreement=case.agreement,
-                     agreement_ema=case.route == "ema")
+                     agreement_ema=case.ema)
         init = deepspeed.initialize if case.route == "plain" else lds.initialize
         engine, _, _, _ = init(model=model, optimizer=opt, config=cfg)
     inner = engine.optimizer if isinstance(engine.optimizer, LionSF) else engine.optimizer.optimizer
@@ -104,11 +104,11 @@ def run_case(case: Case, world: int) -> dict[str, Any]:
     REDUCTIONS.clear()
     if case.route == "resume":
         return resume_case(case, world)
-    if case.route == "ema":
+    if case.route == "unsupported":
         try:
             build(case, world)
-        except NotImplementedError as e:
-            return {"error": str(e)}
+        except (TypeError, NotImplementedError) as e:
+            return {"error": f"{type(e).__name__}: {e}"}
         return {"error": None}
     if case.route.startswith("accelerate"):
         from tests.deepspeed_accelerate import accelerate_case

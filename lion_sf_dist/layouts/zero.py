@@ -44,13 +44,17 @@ class ZeroLayout:
     held for the original parameters.
     """
 
-    def __init__(self, optimizer: Any, partitions: list[Partition], unit_of: dict[int, int]) -> None:
+    def __init__(self, optimizer: Any, partitions: list[Partition], unit_of: dict[int, int],
+                 unit_group: list[dict[str, Any]]) -> None:
         self.optimizer = optimizer
         self.partitions = partitions
         self._index = {id(part.flat): k for k, part in enumerate(partitions)}
         self._pending: dict[int, _Call] = {}
         self._units = [[unit_of[id(f.param)] for f in part.fragments] for part in partitions]
+        self._unit_group = unit_group
+        self._ema: Optional[Tensor] = None
         old_state = optimizer.state
+        ema = _carried_ema(old_state, unit_of, len(unit_group)) if optimizer.agreement_ema else None
         new_state: dict[Any, dict[str, Any]] = {}
         for part in partitions:
             exp_avg = torch.zeros_like(part.flat)
@@ -60,8 +64,28 @@ class ZeroLayout:
                     src = old.reshape(-1)[f.param_offset : f.param_offset + f.numel]
                     exp_avg[f.flat_offset : f.flat_offset + f.numel].copy_(src)
             new_state[part.flat] = {"exp_avg": exp_avg}
+            if ema is not None:
+                new_state[part.flat]["agreement_ema"] = ema.to(part.flat.device)
         optimizer.state.clear()
         optimizer.state.update(new_state)
+
+    def ema_state(self, device: torch.device) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The per-unit agreement average (SPEC section 8), and each unit's ``(beta1, beta2)``.
+
+        One float32 vector over all units, identical on every rank, referenced from every
+        partition's state as ``"agreement_ema"`` (so DeepSpeed checkpoints carry it); after a
+        load gave the partitions separate copies, the first partition's is adopted again.
+        """
+        states = [self.optimizer.state[part.flat] for part in self.partitions]
+        if self._ema is None or any(st.get("agreement_ema") is not self._ema for st in states):
+            loaded = states[0].get("agreement_ema") if states else None
+            n = len(self._unit_group)
+            fresh = loaded is not None and tuple(loaded.shape) == (n,)
+            self._ema = loaded.float().to(device).clone() if fresh else torch.zeros(n, device=device)
+            for st in states:
+                st["agreement_ema"] = self._ema
+        betas = torch.tensor([g["betas"] for g in self._unit_group], dtype=torch.float32, device=device)
+        return self._ema, (betas[:, 0], betas[:, 1])
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One of DeepSpeed's per-partition calls; the last of an engine step steps all partitions."""
@@ -102,6 +126,15 @@ class ZeroLayout:
                                         part.process_group))
         scale, keep = self.optimizer.unit_scales(segments)
         self.optimizer.apply(segments, scale, keep)
+
+
+def _carried_ema(state: Any, unit_of: dict[int, int], n_units: int) -> Tensor:
+    """The agreement averages LionSF already held per parameter (0-d views), as one vector."""
+    ema = torch.zeros(n_units)
+    for p, st in list(state.items()):
+        if isinstance(p, Tensor) and id(p) in unit_of and "agreement_ema" in st:
+            ema[unit_of[id(p)]] = st["agreement_ema"].float().cpu()
+    return ema
 
 
 @dataclass(frozen=True)
