@@ -80,7 +80,9 @@ def sharded_tensor(frag: Fragments, boxes_by_rank: Sequence[Sequence[Box]], rank
     from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
 
     local = fragment_boxes(frag)
-    device = local[0][1].device if local else torch.device("cpu")
+    first = local[0][1] if local else torch.empty(0, dtype=dtype)
+    device, dtype = first.device, first.dtype
+    pinned = first.is_pinned() if first.device.type == "cpu" else False  # ZeRO offload keeps pinned masters
     shards_md, shards = [], []
     for r, boxes in enumerate(boxes_by_rank):
         for offsets, sizes in boxes:
@@ -90,5 +92,5 @@ def sharded_tensor(frag: Fragments, boxes_by_rank: Sequence[Sequence[Box]], rank
         md = ShardMetadata(shard_offsets=list(offsets), shard_sizes=list(sizes), placement=f"rank:{rank}/{device}")
         shards.append(Shard(tensor=data, metadata=md))
     meta = ShardedTensorMetadata(shards_metadata=shards_md, size=frag.shape,
-                                 tensor_properties=TensorProperties(dtype=dtype))
+                                 tensor_properties=TensorProperties(dtype=dtype, pin_memory=pinned))
     return ShardedTensor._init_from_local_shards_and_global_metadata(shards, meta)
