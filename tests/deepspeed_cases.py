@@ -68,6 +68,7 @@ class Case:
     stage: int
     # "instance", "config", "callable" (lion_sf_dist.deepspeed.initialize), "accelerate" (Accelerate + attach),
     # "plain" / "accelerate_plain" (deepspeed.initialize / Accelerate without attach: must raise),
+    # "prestepped" (LionSF steps once alone, then goes to lion_sf_dist.deepspeed.initialize with its state),
     # "unsupported" (attach must refuse), "resume" (DeepSpeed checkpoint round trip)
     route: str = "instance"
     agreement: str = "module"
@@ -84,9 +85,14 @@ class Case:
     poison: Optional[int] = None  # the step at which one gradient element of "0.weight" is +inf
 
     @property
+    def first_step(self) -> int:
+        """The first step the engine takes ("prestepped": LionSF took step 0 alone, before the engine)."""
+        return 1 if self.route == "prestepped" else 0
+
+    @property
     def lionsf_steps(self) -> int:
-        """Steps LionSF takes: ZeRO 1-3 skip a whole step with a non-finite gradient norm themselves."""
-        return STEPS - (self.poison is not None and self.stage > 0)
+        """Engine steps LionSF takes: ZeRO 1-3 skip a step with a non-finite gradient norm themselves."""
+        return STEPS - self.first_step - (self.poison is not None and self.stage > 0)
 
     def config(self, world: int) -> dict[str, Any]:
         zero: dict[str, Any] = {"stage": self.stage}
@@ -125,6 +131,8 @@ CASES = [
     Case("z3_accumulate_offload", 3, gas=2, offload=True, agreement="global"),
     Case("z1_ema_tensor", 1, agreement="tensor", ema=True),
     Case("z3_ema_config_global", 3, route="config", agreement="global", two_groups=False, ema=True),
+    Case("z2_prestepped", 2, route="prestepped", ema=True, agreement="tensor"),
+    Case("z3_prestepped", 3, route="prestepped", sub_group_size=8),
     Case("z0_nonfinite", 0, poison=1),
     Case("z2_nonfinite", 2, poison=1),
     Case("z3_nonfinite", 3, poison=1),

@@ -49,6 +49,11 @@ def build(case: Case, world: int) -> tuple[Any, Any]:
     else:
         opt = LionSF(param_groups(model, case.two_groups), lr=HYPER[0]["lr"], agreement=case.agreement,
                      agreement_ema=case.ema)
+        if case.route == "prestepped":
+            x, y = batch(0)
+            loss_of(model, x, y).backward()
+            opt.step()
+            opt.zero_grad()
         init = deepspeed.initialize if case.route == "plain" else lds.initialize
         engine, _, _, _ = init(model=model, optimizer=opt, config=cfg)
     inner = engine.optimizer if isinstance(engine.optimizer, LionSF) else engine.optimizer.optimizer
@@ -119,13 +124,14 @@ def run_case(case: Case, world: int) -> dict[str, Any]:
         engine, opt = res["engine"], res["opt"]
         return finish(case, engine, opt, None)
     engine, opt = build(case, world)
+    REDUCTIONS.clear()  # count the engine's steps only
     replays = record_steps(engine, opt) if case.replay else None
     if case.local_counts:
         for part in opt._layout.partitions:
             part.process_group = None  # the control: count only this rank's elements
     error = None
     weight = dict(engine.module.named_parameters())["0.weight"]
-    for step in range(STEPS):
+    for step in range(case.first_step, STEPS):
         x, y = batch(step)
         if case.bf16:
             x, y = x.bfloat16(), y.bfloat16()
