@@ -141,17 +141,20 @@ def _add_optimizer(snap: Snapshot, optimizer: torch.optim.Optimizer, by_id: dict
 
 
 def copied(snap: Snapshot) -> Snapshot:
-    """``snap`` with every local tensor cloned (same layout): a consistent copy to write later."""
+    """``snap`` with every local tensor copied to host memory (same layout): a consistent copy to write later."""
 
-    def clone(v: Local) -> Local:
+    def host(t: Tensor) -> Tensor:
+        return t.clone() if t.device.type == "cpu" else t.to(device="cpu")  # DTensors stay DTensors
+
+    def copy(v: Local) -> Local:
         if isinstance(v, Fragments):
-            return Fragments(v.shape, [(start, flat.clone()) for start, flat in v.pieces])
-        return v.clone()
+            return Fragments(v.shape, [(start, host(flat)) for start, flat in v.pieces])
+        return host(v)
 
-    return Snapshot(kind=snap.kind, params={n: clone(v) for n, v in snap.params.items()},
-                    buffers={n: clone(v) for n, v in snap.buffers.items()},
-                    exp_avg={n: clone(v) for n, v in snap.exp_avg.items()},
-                    ema={n: v.clone() for n, v in snap.ema.items()}, shapes=dict(snap.shapes),
+    return Snapshot(kind=snap.kind, params={n: copy(v) for n, v in snap.params.items()},
+                    buffers={n: copy(v) for n, v in snap.buffers.items()},
+                    exp_avg={n: copy(v) for n, v in snap.exp_avg.items()},
+                    ema={n: host(v) for n, v in snap.ema.items()}, shapes=dict(snap.shapes),
                     dtypes=dict(snap.dtypes), optimizer_names=[list(g) for g in snap.optimizer_names])
 
 
