@@ -9,7 +9,7 @@ from the model's all-gathered parameters / ``safe_get_full_fp32_param`` /
 Tolerance (``RTOL = 1e-5``, ``ATOL = 1e-6``): averaging W equal fp32 gradients rounds
 (at W = 3, ``(g + g + g) / 3`` differs from ``g`` in the last bit), and clipping rescales
 with a differently rounded norm. ``exp_avg`` is linear in the gradient, so it inherits a
-relative error of a few ulp (observed <= 1.5e-8 absolute, at W = 3). Parameters depend on
+relative error of a few ulp (observed <= 3e-8 absolute, at W = 3). Parameters depend on
 the gradient only through signs and integer counts, so they are exact unless a rounding
 flips a sign, which these inputs never do (observed 0). The control counting per partition
 deviates by about 1e-3 to 7e-3, far above the tolerance. Where the gradients LionSF is handed
