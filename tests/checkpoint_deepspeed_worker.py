@@ -38,7 +38,7 @@ def engine(stage: int, world: int, seed: int = 0, **zero: Any) -> Any:
               "train_batch_size": BATCH, "zero_optimization": {"stage": stage, **zero},
               "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
               "steps_per_print": 10 ** 9}
-    eng, _, _, _ = lds.initialize(model=model, optimizer=make_optimizer(model, ema=False), config=config)
+    eng, _, _, _ = lds.initialize(model=model, optimizer=make_optimizer(model), config=config)
     return eng
 
 
@@ -62,7 +62,24 @@ def engine_state(eng: Any) -> dict[str, Any]:
         state = safe_get_full_optimizer_state(p, "exp_avg")
         params[name] = (p.detach() if full is None else full).clone()
         exp_avg[name] = (eng.optimizer.state[p]["exp_avg"] if state is None else state).clone()
-    return {"params": params, "buffers": {n: b.clone() for n, b in eng.module.named_buffers()}, "exp_avg": exp_avg}
+    return {"params": params, "buffers": {n: b.clone() for n, b in eng.module.named_buffers()}, "exp_avg": exp_avg,
+            "ema": engine_ema(eng)}
+
+
+def engine_ema(eng: Any) -> dict[str, torch.Tensor]:
+    """Each parameter's unit's agreement average: from the per-unit vector every ZeRO 1-3 partition's
+    state holds, or (ZeRO-0) from the LionSF's per-parameter state; zero where none is held yet."""
+    from lion_sf_dist import LionSF
+
+    opt = eng.optimizer if isinstance(eng.optimizer, LionSF) else eng.optimizer.optimizer
+    names = {id(p): n for n, p in eng.module.named_parameters()}
+    vectors = [v for st in opt.state.values() if (v := st.get("agreement_ema")) is not None and v.dim() == 1]
+    out = {}
+    for params, ids in zip(opt.original_params(), opt.units.ids):
+        for p, unit in zip(params, ids):
+            own = opt.state.get(p, {}).get("agreement_ema", torch.zeros(()))
+            out[names[id(p)]] = (vectors[0][unit] if vectors else own).float().clone()
+    return out
 
 
 def world3(rank: int, world: int, root_z2: str, root_f3: str) -> dict[str, Any]:
@@ -77,7 +94,7 @@ def world3(rank: int, world: int, root_z2: str, root_f3: str) -> dict[str, Any]:
     train_engine(fresh, range(extra["step"], 2 * STEPS), rank, world)
     out["z2_uninterrupted"], out["z2_resumed"] = engine_state(eng), engine_state(fresh)
     model = fsdp2(world)
-    opt = make_optimizer(model, ema=False)
+    opt = make_optimizer(model)
     train(model, opt, range(STEPS), rank, world)
     out["f3_saved"] = full_state(model, opt)
     checkpoint.save(root_f3, model, opt, extra={"step": STEPS})
@@ -92,7 +109,7 @@ def world2(rank: int, world: int, root_z2: str, root_f3: str, root_z3: str) -> d
     out["z3_output"] = eng(batch(0)[0]).detach()  # computed with the bit16 copies the load refreshed
     checkpoint.save(root_z3, eng, eng.optimizer)
     model = fsdp2(world, seed=7)
-    opt = make_optimizer(model, ema=False)
+    opt = make_optimizer(model)
     checkpoint.load(root_z2, model, opt)
     out["fsdp2_from_z2"] = full_state(model, opt)
     eng2 = engine(3, world, seed=7)

@@ -19,7 +19,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out["w2"] = run(worker.world2, 2, roots["z2"], roots["f3"], roots["z3"], timeout=400)
     for key in ("z2", "z3"):
         model = Tiny(seed=7)
-        opt = make_optimizer(model, ema=False)
+        opt = make_optimizer(model)
         extra = checkpoint.load(roots[key], model, opt)
         out[f"w1_from_{key}"] = {"state": full_state(model, opt), "extra": extra, "output": model(batch(0)[0]).detach()}
     return out
@@ -63,3 +63,4 @@ def test_zero3_fresh_state_restart(chain: dict) -> None:
         assert_same({k: state[k] for k in ("params", "buffers")}, {k: saved[k] for k in ("params", "buffers")},
                     f"ZeRO-2 -> ZeRO-3 params only, rank {rank}")
         assert all(not m.any() for m in state["exp_avg"].values()), "exp_avg not reset"
+        assert all(not a.any() for a in state["ema"].values()), "agreement averages not reset"

@@ -159,7 +159,7 @@ def load(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
     except (CheckpointException, RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
         raise CheckpointCorruptError(f"{where}: reading the tensors failed: {e}") from e
     if hot:
-        _install_ema(snap, optimizer)
+        _install_ema(snap, optimizer, model)
     elif optimizer is not None:
         _fresh_state(snap, optimizer)
     if is_engine(model):
@@ -204,9 +204,15 @@ def _prepare_ema(snap: Snapshot, saved: dict[str, Any], optimizer: torch.optim.O
     snap.ema = {n: torch.zeros((), dtype=torch.float32) for n in held & stored} if wanted else {}
 
 
-def _install_ema(snap: Snapshot, optimizer: torch.optim.Optimizer) -> None:
+def _install_ema(snap: Snapshot, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Hand the loaded agreement averages to the optimizer (replacing any it held)."""
     if not getattr(optimizer, "agreement_ema", False):
         return
+    if is_engine(model):
+        from lion_sf_dist.checkpoint.zero import install_ema
+
+        if install_ema(model, snap.ema):
+            return
     by_name = _params_by_name(snap, optimizer)
     for p in by_name.values():
         optimizer.state[p].pop("agreement_ema", None)

@@ -76,7 +76,57 @@ def zero_snapshot(engine: Any, optimizer: Optional[torch.optim.Optimizer]) -> Sn
         snap.exp_avg = {}
     else:
         snap.optimizer_names = trainable
+        snap.ema = _ema_by_name(opt, name_of)
     return snap
+
+
+def _unit_by_name(opt: Any, name_of: dict[int, str]) -> dict[str, int]:
+    """Agreement unit of every trained parameter, by name (units are kept by position)."""
+    return {name_of[id(p)]: u for params, ids in zip(opt.original_params(), opt.units.ids)
+            for p, u in zip(params, ids) if p is not None and id(p) in name_of}
+
+
+def _ema_vector(opt: Any) -> Optional[torch.Tensor]:
+    """The per-unit agreement average ZeRO 1-3 keep in every partition's state, if any."""
+    return next((st["agreement_ema"] for st in opt.state.values()
+                 if st.get("agreement_ema") is not None and st["agreement_ema"].dim() == 1), None)
+
+
+def _ema_by_name(opt: Any, name_of: dict[int, str]) -> dict[str, torch.Tensor]:
+    """Each trained parameter's unit's agreement average (0-d float32), as the other layouts store it."""
+    if not getattr(opt, "agreement_ema", False):
+        return {}
+    vector = _ema_vector(opt)
+    param_of = {name_of[id(p)]: p for params in opt.original_params() for p in params
+                if p is not None and id(p) in name_of}
+    out = {}
+    for name, unit in _unit_by_name(opt, name_of).items():
+        own = opt.state.get(param_of[name], {}).get("agreement_ema")  # ZeRO-0: LionSF keeps it per parameter
+        value = own if own is not None else (vector[unit] if vector is not None else None)
+        if value is not None:
+            out[name] = value.detach().float().cpu().clone()
+    return out
+
+
+def install_ema(engine: Any, ema: dict[str, torch.Tensor]) -> bool:
+    """Give a ZeRO 1-3 engine's partitions the loaded per-unit averages; ``False`` under ZeRO-0
+    (its LionSF keeps them per parameter, as without DeepSpeed)."""
+    from lion_sf_dist.layouts.zero_internals import zero_stage_of
+
+    if not zero_stage_of(engine.optimizer):
+        return False
+    opt = client_optimizer(engine)
+    name_of = {id(p): canonical(n) for n, p in engine.module.named_parameters()}
+    vector = torch.zeros(opt.units.count, dtype=torch.float32)
+    for name, unit in _unit_by_name(opt, name_of).items():
+        if name in ema:
+            vector[unit] = ema[name]
+    for state in opt.state.values():
+        if ema:
+            state["agreement_ema"] = vector  # the layout adopts it (and its device) at the next step
+        else:
+            state.pop("agreement_ema", None)
+    return True
 
 
 def refresh(engine: Any) -> None:
