@@ -173,8 +173,6 @@ def val_loss(model, data: torch.Tensor, args: argparse.Namespace, device: torch.
         x, y = batch(data, args.batch_size, args.block, seed=10**9 + i * dist.get_world_size() + dist.get_rank())
         losses.append(model(x.to(device), y.to(device)))
     model.train(was_training)
-    if hasattr(model, "reshard"):  # FSDP2 keeps the root's parameters unsharded after a forward without backward
-        model.reshard()
     mean = torch.stack(losses).mean()
     dist.all_reduce(mean)
     return mean.item() / dist.get_world_size()

@@ -96,6 +96,19 @@ def describe_tensor(snap: Snapshot, name: str, t: Tensor) -> None:
     snap.dtypes[name] = str(t.dtype).removeprefix("torch.")
 
 
+def _reshard(module: nn.Module) -> None:
+    """Put FSDP2 modules back to their sharded parameters.
+
+    After a forward without backward (an evaluation) FSDP2 leaves the root module's
+    parameters unsharded, as plain full tensors the optimizer does not hold.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def snapshot(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Snapshot:
     """The tensors of ``model`` (and ``optimizer``'s state when given) by logical name."""
     if is_engine(model):
@@ -103,6 +116,7 @@ def snapshot(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Sn
 
         return zero_snapshot(model, optimizer)
     inner = unwrap(model)
+    _reshard(inner)
     params = {canonical(n): p for n, p in inner.named_parameters()}
     kind = "dtensor" if any(isinstance(p, DTensor) for p in params.values()) else (
         "ddp" if isinstance(model, torch.nn.parallel.DistributedDataParallel) else "plain")
