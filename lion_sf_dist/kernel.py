@@ -16,27 +16,32 @@ Triton on GPU, vectorised C++ on CPU): :class:`Kernel` picks one.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch._dynamo.config
 from torch import Tensor
 
 # Eager temporaries are a few chunks of this many elements (1 MiB in fp32): they stay in cache.
 CHUNK = 1 << 18
-# The compiled kernel makes no temporaries; its chunks only keep float32 counts exact.
-COMPILED_CHUNK = 1 << 24
+# Eager counts are float32 sums of zeros and ones: exact up to this many elements.
+EXACT_FLOAT_COUNT = 1 << 24
 
 
 def count_agreement(m: Tensor, g: Tensor, beta1: float) -> Tensor:
-    """``[A, poison]`` (float32) for one tensor of at most ``2**24`` elements.
+    """``[A, P]`` (int64) for one tensor (eager: of at most ``2**24`` elements).
 
-    ``A = #(sign(m * b1 + g * (1 - b1)) * g > 0)``, exact: a float32 sum of zeros and ones
-    stays an exact integer up to ``2**24``. ``poison`` is NaN exactly when ``g`` holds a NaN
-    or an Inf (``g * 0`` is 0 for every finite value). Written with arithmetic only,
-    since boolean comparisons and ``isfinite`` cost several times more on CPU.
+    ``A = #(sign(m * b1 + g * (1 - b1)) * g > 0)``, exactly; ``P > 0`` exactly when ``g``
+    holds a NaN or an Inf (``g * 0`` is 0 for every finite value, NaN otherwise).
     """
     u = m.mul(beta1).add_(g, alpha=1.0 - beta1).sign_()
+    if torch.compiler.is_compiling():  # fused integer reductions
+        return torch.stack(((u.mul_(g) > 0).sum(), (g.mul(0.0) != 0).sum()))
+    # Eager CPU comparisons and isfinite cost several times more than arithmetic; a float32
+    # sum of zeros and ones is exact up to 2**24 elements, hence the caller's chunks.
     agree = u.mul_(g).sign_().clamp_(min=0.0).sum(dtype=torch.float32)
-    return torch.stack((agree, g.mul(0.0).sum(dtype=torch.float32)))
+    poisoned = g.mul(0.0).sum(dtype=torch.float32).isnan()
+    return torch.stack((agree.to(torch.int64), poisoned.to(torch.int64)))
 
 
 def apply_update(
@@ -52,8 +57,18 @@ def apply_update(
     """
     u = m.mul(beta1).add_(g, alpha=1.0 - beta1).sign_()
     p.mul_(decay).add_(u.mul_(step_size))
-    g_used = g.mul(keep).nan_to_num_(0.0, 0.0, 0.0)
-    m.mul_(torch.where(keep, beta2, 1.0)).add_(g_used, alpha=1.0 - beta2)
+    m.mul_(torch.where(keep, beta2, 1.0)).add_(_zeroed_unless(keep, g), alpha=1.0 - beta2)
+
+
+def _zeroed_unless(keep: Tensor, g: Tensor) -> Tensor:
+    """``g`` where ``keep`` else zeros, NaN and Inf included.
+
+    Compiled, a select is a free blend; eager, a multiply and ``nan_to_num`` cost a third
+    of ``torch.where`` with a 0-d condition on CPU.
+    """
+    if torch.compiler.is_compiling():
+        return torch.where(keep, g, 0.0)
+    return g.mul(keep).nan_to_num_(0.0, 0.0, 0.0)
 
 
 def unit_scales(
@@ -85,13 +100,15 @@ def unit_scales(
     return agreement, scale, keep
 
 
-def _flat_chunks(size: int, *tensors: Tensor) -> list[tuple[Tensor, ...]]:
-    """Matching pieces of at most ``size`` elements; whole tensors unless all are contiguous."""
+def _flat_chunks(size: Optional[int], *tensors: Tensor) -> list[tuple[Tensor, ...]]:
+    """Matching flat pieces of at most ``size`` elements (``None``: whole tensors)."""
     if not all(t.is_contiguous() for t in tensors):
-        if tensors[0].numel() > COMPILED_CHUNK:
-            raise ValueError("LionSF needs contiguous tensors above 2**24 elements")
+        if size is not None and tensors[0].numel() > EXACT_FLOAT_COUNT:
+            raise ValueError(f"LionSF's eager kernel needs contiguous tensors above {EXACT_FLOAT_COUNT} elements "
+                             f"(got one of shape {tuple(tensors[0].shape)}); use use_triton=True or a contiguous layout")
         return [tensors]
     flats = [t.view(-1) for t in tensors]
+    size = size or max(1, flats[0].numel())
     return [tuple(f[i : i + size] for f in flats) for i in range(0, flats[0].numel(), size)]
 
 
@@ -100,9 +117,11 @@ def _compile(fn):
 
     The betas are compiled in as constants: with ``dynamic=True`` torch 2.13 otherwise
     traces Python floats symbolically and reuses a graph with a stale ``alpha`` (seen
-    here: counts computed with the previous call's ``beta1``).
+    here: counts computed with the previous call's ``beta1``). ``cpp.dynamic_threads``
+    keeps the CPU loop parallel: inductor otherwise decides from the first call's length,
+    and a first small tensor (a bias) left every later one on one thread (3x slower).
     """
-    compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True, options={"cpp.dynamic_threads": True})
 
     def run(*args):
         with torch._dynamo.config.patch(specialize_float=True):
@@ -116,15 +135,15 @@ class Kernel:
 
     def __init__(self, compiled: bool) -> None:
         self.compiled = compiled
-        self.chunk = COMPILED_CHUNK if compiled else CHUNK
+        self.chunk = None if compiled else CHUNK
         self._count = _compile(count_agreement) if compiled else None
         self._apply = _compile(apply_update) if compiled else None
 
     def count(self, m: Tensor, g: Tensor, beta1: float) -> Tensor:
-        """``[A, P]`` (int64): agreeing elements, and 1 if ``g`` holds a NaN or Inf, else 0."""
+        """``[A, P]`` (int64) of :func:`count_agreement`, over the whole tensor."""
         count = self._count or count_agreement
-        parts = torch.stack([count(mc, gc, beta1) for mc, gc in _flat_chunks(self.chunk, m, g)])
-        return torch.stack((parts[:, 0].to(torch.int64).sum(), parts[:, 1].isnan().any().to(torch.int64)))
+        parts = [count(mc, gc, beta1) for mc, gc in _flat_chunks(self.chunk, m, g)]
+        return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
 
     def apply(
         self, p: Tensor, m: Tensor, g: Tensor, step_size: Tensor, decay: Tensor, keep: Tensor, beta1: float, beta2: float
