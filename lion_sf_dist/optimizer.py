@@ -237,7 +237,8 @@ class LionSF(Optimizer):
         counted = [s for s in segments if s.counted and s.p.numel() > 0]
         slotted = torch.zeros(len(plan.groups), self.units.count, 3, dtype=torch.int64, device=plan.device)
         if counted:
-            rows = torch.stack([self._kernel.count(s.m, s.g, s.group["betas"][0]) for s in counted])
+            rows = self._kernel.count([s.m for s in counted], [s.g for s in counted],
+                                      tuple(s.group["betas"][0] for s in counted))
             rows = torch.cat((rows[:, :1], plan.numel, rows[:, 1:]), dim=1)
             slotted.view(-1, 3).index_add_(0, plan.row_index, rows)
         totals = reduce_counts(slotted, plan.groups)
@@ -261,11 +262,10 @@ class LionSF(Optimizer):
         table = torch.tensor(host, dtype=torch.float64).to(device)
         unit = table[:, 2].long()
         keep_seg = keep[unit]
-        step_size = (table[:, 0].float() * scale[unit]).unbind()
-        decay = torch.where(keep_seg, table[:, 1].float(), 1.0).unbind()
-        for s, a, d, k in zip(live, step_size, decay, keep_seg.unbind()):
-            beta1, beta2 = s.group["betas"]
-            self._kernel.apply(s.p, s.m, s.g, a, d, k, beta1, beta2)
+        step_size = table[:, 0].float() * scale[unit]
+        decay = torch.where(keep_seg, table[:, 1].float(), 1.0)
+        self._kernel.apply([s.p for s in live], [s.m for s in live], [s.g for s in live], step_size, decay, keep_seg,
+                           tuple(s.group["betas"][0] for s in live), tuple(s.group["betas"][1] for s in live))
 
     def _plan(self, segments: list[Segment]) -> _Plan:
         key = tuple((s.unit, id(s.reduce_group), s.counted, s.p.numel()) for s in segments)
