@@ -32,8 +32,8 @@ from train import GPT, batch, stdlib_text  # noqa: E402  (the training script's 
 from lion_sf_dist import LionSF  # noqa: E402
 
 LRS = {
-    "LionSF": [3e-4, 5e-4, 1e-3],
-    "Lion": [1e-4, 3e-4, 5e-4],
+    "LionSF": [5e-4, 1e-3, 2e-3],
+    "Lion": [1e-4, 3e-4, 6e-4],
     "AdamW cosine": [1e-3, 3e-3, 6e-3],
     "schedule-free AdamW": [1e-3, 3e-3, 6e-3],
 }
@@ -148,6 +148,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lrs", type=int, default=3, help="how many of each optimizer's learning rates to sweep")
     ap.add_argument("--out", type=Path, default=Path("runs/convergence"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -160,7 +161,7 @@ def main() -> None:
         writer = csv.writer(f)
         writer.writerow(["experiment", "optimizer", "lr", "seed", "step", "val_loss"])
         for name, lrs in LRS.items():
-            for lr in lrs:
+            for lr in lrs[-args.lrs:]:
                 for seed in range(args.seeds):
                     curve = list(Run(name, lr, seed, args, data).train(args.steps))
                     for step, loss in curve:
@@ -169,7 +170,7 @@ def main() -> None:
                     curves.setdefault((name, lr), []).append(curve)
                     print(f"{time.time() - t0:7.0f}s {name:22s} lr={lr:g} seed={seed} final val {curve[-1][1]:.4f}",
                           flush=True)
-        best = {name: min(LRS[name], key=lambda lr: statistics.mean(finals[(name, lr)])) for name in LRS}
+        best = {name: min(LRS[name][-args.lrs:], key=lambda lr: statistics.mean(finals[(name, lr)])) for name in LRS}
         restarts = restart_experiment(args, data, best, writer)
     report(args, finals, curves, best, restarts)
 

@@ -310,4 +310,10 @@ def stop_requested(stop: dict, device: torch.device) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: torch 2.13 can deadlock there when DDP's Reducer frees its
+    # gloo group (the group's destructor joins a worker thread that waits for the GIL the
+    # exiting main thread holds). Every checkpoint and log is written and closed by now.
+    os._exit(code)
