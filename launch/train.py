@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     train, val = stdlib_text(args.data_bytes)
     model, opt, step_fn = build(args, device)
+    _KEEP_ALIVE.append((model, opt, step_fn))
     ckpt_dir = args.out / "checkpoints"
     start = 0
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun --max-restarts
@@ -309,11 +310,14 @@ def stop_requested(stop: dict, device: torch.device) -> bool:
     return bool(flag.item())
 
 
+# torch 2.13 can deadlock when DDP's Reducer frees its gloo group (the group's destructor
+# joins a worker thread that waits for the GIL the freeing thread holds). The model is kept
+# alive here past main() and the process ends with os._exit, so that never runs; every
+# checkpoint and log is written and closed by then.
+_KEEP_ALIVE: list = []
+
 if __name__ == "__main__":
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
-    # Skip interpreter teardown: torch 2.13 can deadlock there when DDP's Reducer frees its
-    # gloo group (the group's destructor joins a worker thread that waits for the GIL the
-    # exiting main thread holds). Every checkpoint and log is written and closed by now.
     os._exit(code)
