@@ -10,7 +10,10 @@ number of steps with a new warm-up + cosine schedule.
 Writes ``OUT/convergence.csv`` (every evaluation), ``OUT/convergence.md`` (tables) and
 ``OUT/convergence.png`` (curves at each optimizer's best lr, and the restarts).
 
-    python launch/bench_convergence.py --steps 1500 --seeds 3 --out runs/convergence
+    python launch/bench_convergence.py --steps 1500 --seeds 3 --workers 2 --out runs/convergence
+
+Every configuration is independent and deterministic, so ``--workers`` runs them in
+parallel processes (``--threads`` each); the losses do not depend on it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import math
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -32,10 +37,10 @@ from train import GPT, batch, stdlib_text  # noqa: E402  (the training script's 
 from lion_sf_dist import LionSF  # noqa: E402
 
 LRS = {
-    "LionSF": [5e-4, 1e-3, 2e-3],
-    "Lion": [1e-4, 3e-4, 6e-4],
-    "AdamW cosine": [1e-3, 3e-3, 6e-3],
-    "schedule-free AdamW": [1e-3, 3e-3, 6e-3],
+    "LionSF": [1e-3, 2e-3, 4e-3, 8e-3],
+    "Lion": [2.5e-4, 5e-4, 1e-3, 2e-3],
+    "AdamW cosine": [1.5e-3, 3e-3, 6e-3, 1.2e-2],
+    "schedule-free AdamW": [3e-3, 6e-3, 1.2e-2, 2.4e-2],
 }
 
 
@@ -105,35 +110,54 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim.
     raise ValueError(name)
 
 
-def restart_experiment(args, data, best: dict[str, float], writer) -> dict[str, list[tuple[int, float]]]:
-    """Stop at half way and restart from a checkpoint; AdamW instead extended with a new schedule.
+Curve = list[tuple[int, float]]
+_ARGS: argparse.Namespace
+_DATA: tuple[torch.Tensor, torch.Tensor]
 
-    LionSF goes through ``lion_sf_dist.checkpoint``: a hot restart loads parameters and
+
+def init_worker(args: argparse.Namespace) -> None:
+    """Per worker process: its thread count, the arguments and the data, loaded once."""
+    global _ARGS, _DATA
+    torch.set_num_threads(args.threads)
+    _ARGS, _DATA = args, stdlib_text(4_000_000)
+
+
+def sweep_run(name: str, lr: float, seed: int) -> Curve:
+    """One sweep configuration, trained for the full run."""
+    return list(Run(name, lr, seed, _ARGS, _DATA).train(_ARGS.steps))
+
+
+def lionsf_restarts(lr: float) -> dict[str, Curve]:
+    """Stop LionSF at half way and restart it from a checkpoint, hot and with a fresh state.
+
+    Goes through ``lion_sf_dist.checkpoint``: a hot restart loads parameters and
     ``exp_avg``; a fresh-state restart loads the parameters only.
     """
     import tempfile
 
     from lion_sf_dist import checkpoint
 
-    half = args.steps // 2
-    curves: dict[str, list[tuple[int, float]]] = {}
-    base = Run("LionSF", best["LionSF"], 0, args, data)
+    half = _ARGS.steps // 2
+    base = Run("LionSF", lr, 0, _ARGS, _DATA)
     before = list(base.train(half))
+    curves = {}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint.save(tmp, base.model, base.opt, extra={"step": half})
         for mode, hot in (("hot restart (saved state)", True), ("fresh-state restart", False)):
-            run = Run("LionSF", best["LionSF"], 0, args, data)
+            run = Run("LionSF", lr, 0, _ARGS, _DATA)
             run.step = checkpoint.load(tmp, run.model, run.opt, optimizer_state=hot)["step"]
-            curves[f"LionSF {mode}"] = before + list(run.train(args.steps - half))
-    adam = Run("AdamW cosine", best["AdamW cosine"], 0, args, data)
+            curves[f"LionSF {mode}"] = before + list(run.train(_ARGS.steps - half))
+    return curves
+
+
+def adamw_extended(lr: float) -> dict[str, Curve]:
+    """A cosine AdamW run scheduled to end at half way, then extended with a new warm-up + cosine."""
+    half = _ARGS.steps // 2
+    adam = Run("AdamW cosine", lr, 0, _ARGS, _DATA)
     adam.schedule = lambda s: cosine(s, half, max(1, half // 20))
     first = list(adam.train(half))
-    curves["AdamW cosine done at half, extended with a new schedule"] = first + list(
-        adam.train(args.steps - half, schedule_offset=half))
-    for name, curve in curves.items():
-        for step, loss in curve:
-            writer.writerow(["restart", name, "", 0, step, f"{loss:.5f}"])
-    return curves
+    return {"AdamW cosine done at half, extended with a new schedule":
+            first + list(adam.train(_ARGS.steps - half, schedule_offset=half))}
 
 
 def main() -> None:
@@ -147,32 +171,39 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-batches", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--lrs", type=int, default=3, help="how many of each optimizer's learning rates to sweep")
+    ap.add_argument("--workers", type=int, default=2, help="configurations trained at once, one process each")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--out", type=Path, default=Path("runs/convergence"))
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    data = stdlib_text(4_000_000)
+    configs = [(name, lr, seed) for name, lrs in LRS.items() for lr in lrs for seed in range(args.seeds)]
     finals: dict[tuple[str, float], list[float]] = {}
-    curves: dict[tuple[str, float], list[list[tuple[int, float]]]] = {}
+    curves: dict[tuple[str, float], list[Curve]] = {}
     t0 = time.time()
-    with open(args.out / "convergence.csv", "w", newline="") as f:
+    with ProcessPoolExecutor(args.workers, get_context("spawn"), init_worker, (args,)) as pool, \
+            open(args.out / "convergence.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["experiment", "optimizer", "lr", "seed", "step", "val_loss"])
-        for name, lrs in LRS.items():
-            for lr in lrs[-args.lrs:]:
-                for seed in range(args.seeds):
-                    curve = list(Run(name, lr, seed, args, data).train(args.steps))
-                    for step, loss in curve:
-                        writer.writerow(["sweep", name, lr, seed, step, f"{loss:.5f}"])
-                    finals.setdefault((name, lr), []).append(curve[-1][1])
-                    curves.setdefault((name, lr), []).append(curve)
-                    print(f"{time.time() - t0:7.0f}s {name:22s} lr={lr:g} seed={seed} final val {curve[-1][1]:.4f}",
-                          flush=True)
-        best = {name: min(LRS[name][-args.lrs:], key=lambda lr: statistics.mean(finals[(name, lr)])) for name in LRS}
-        restarts = restart_experiment(args, data, best, writer)
+        for (name, lr, seed), curve in zip(configs, pool.map(sweep_run, *zip(*configs))):
+            for step, loss in curve:
+                writer.writerow(["sweep", name, lr, seed, step, f"{loss:.5f}"])
+            finals.setdefault((name, lr), []).append(curve[-1][1])
+            curves.setdefault((name, lr), []).append(curve)
+            print(f"{time.time() - t0:7.0f}s {name:22s} lr={lr:g} seed={seed} final val {curve[-1][1]:.4f}",
+                  flush=True)
+        best = {name: min(LRS[name], key=lambda lr: statistics.mean(finals[(name, lr)])) for name in LRS}
+        jobs = [pool.submit(lionsf_restarts, best["LionSF"]), pool.submit(adamw_extended, best["AdamW cosine"])]
+        restarts = {"LionSF uninterrupted": curves[("LionSF", best["LionSF"])][0]}
+        restarts |= {name: curve for job in jobs for name, curve in job.result().items()}
+        for name, curve in restarts.items():
+            for step, loss in curve:
+                writer.writerow(["restart", name, "", 0, step, f"{loss:.5f}"])
     report(args, finals, curves, best, restarts)
+
+
+def mean_curve(runs: list[Curve]) -> Curve:
+    """The seeds' curves averaged step by step."""
+    return [(step, statistics.mean(r[i][1] for r in runs)) for i, (step, _) in enumerate(runs[0])]
 
 
 def report(args, finals, curves, best, restarts) -> None:
@@ -181,8 +212,17 @@ def report(args, finals, curves, best, restarts) -> None:
              "| optimizer | lr | final val loss (mean ± sd over seeds) |", "|---|---:|---:|"]
     for (name, lr), vals in finals.items():
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        mark = " **best**" if best[name] == lr else ""
+        mark = ""
+        if best[name] == lr:
+            edge = lr in (LRS[name][0], LRS[name][-1])
+            mark = " **best** (edge of the sweep)" if edge else " **best**"
         lines.append(f"| {name} | {lr:g}{mark} | {statistics.mean(vals):.4f} ± {sd:.4f} |")
+    means = {name: mean_curve(curves[(name, best[name])]) for name in best}
+    target = max(curve[-1][1] for curve in means.values())
+    lines += ["", f"## Steps to reach val loss {target:.4f} (the worst final of the best runs), mean over seeds", "",
+              "| optimizer (best lr) | steps |", "|---|---:|"]
+    for name, curve in means.items():
+        lines.append(f"| {name} ({best[name]:g}) | {next(s for s, v in curve if v <= target)} |")
     lines += ["", "## Restart at half way", "", "| run | val loss at half | worst val loss after restart | final |",
               "|---|---:|---:|---:|"]
     half = args.steps // 2
@@ -200,10 +240,12 @@ def report(args, finals, curves, best, restarts) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name in best:
         runs = curves[(name, best[name])]
-        steps = [s for s, _ in runs[0]]
-        mean = [statistics.mean(r[i][1] for r in runs) for i in range(len(steps))]
-        a.plot(steps, mean, label=f"{name} (lr {best[name]:g})")
-    a.set(xlabel="step", ylabel="validation loss", title="best lr of each, mean over seeds")
+        steps, mean = zip(*mean_curve(runs))
+        sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*([v for _, v in r] for r in runs))]
+        line, = a.plot(steps, mean, label=f"{name} (lr {best[name]:g})")
+        a.fill_between(steps, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
+                       color=line.get_color(), alpha=0.2)
+    a.set(xlabel="step", ylabel="validation loss", title="best lr of each, mean ± sd over seeds")
     for name, curve in restarts.items():
         b.plot([s for s, _ in curve], [v for _, v in curve], label=name)
     b.axvline(half, color="grey", linestyle=":")
