@@ -24,6 +24,7 @@ import signal
 import sys
 import sysconfig
 import time
+import traceback
 import zlib
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from lion_sf_dist import LionSF, checkpoint
 
@@ -210,6 +212,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@record  # a failing rank's traceback becomes torchrun's reported root cause
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     cuda = torch.cuda.is_available()
@@ -312,12 +315,16 @@ def stop_requested(stop: dict, device: torch.device) -> bool:
 
 # torch 2.13 can deadlock when DDP's Reducer frees its gloo group (the group's destructor
 # joins a worker thread that waits for the GIL the freeing thread holds). The model is kept
-# alive here past main() and the process ends with os._exit, so that never runs; every
-# checkpoint and log is written and closed by then.
+# alive here past main() and the process ends with os._exit, also after an error (a peer
+# that died, say), so that never runs; every checkpoint and log is written and closed by then.
 _KEEP_ALIVE: list = []
 
 if __name__ == "__main__":
-    code = main()
+    try:
+        code = main()
+    except Exception:
+        traceback.print_exc()
+        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

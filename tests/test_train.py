@@ -66,10 +66,11 @@ def wait_for(predicate, timeout: float = 120.0) -> None:
         time.sleep(0.1)
 
 
-def test_ddp_loss_falls(tmp_path):
-    run(2, "--engine", "ddp", "--steps", "40", "--eval-every", "10", "--checkpoint-every", "0", "--out", str(tmp_path))
+@pytest.mark.parametrize("world", [2, 3])
+def test_ddp_loss_falls(world, tmp_path):
+    run(world, "--engine", "ddp", "--steps", "40", "--eval-every", "10", "--checkpoint-every", "0", "--out", str(tmp_path))
     r = rows(tmp_path)
-    assert [x["step"] for x in r] == [10, 20, 30, 40]
+    assert [(x["step"], x["world_size"]) for x in r] == [(10, world), (20, world), (30, world), (40, world)]
     assert r[-1]["val_loss"] < r[0]["val_loss"] - 0.3 and r[-1]["loss"] < 5.0
     assert all(0.0 <= x["scale_mean"] <= 1.0 for x in r)
 
@@ -132,3 +133,35 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert 1 <= stopped < 100000 and rows(tmp_path)[-1]["step"] == stopped
     resumed = run(2, "--engine", "ddp", "--steps", str(stopped + 5), "--eval-every", "5", "--resume", "--out", out)
     assert f"resuming at step {stopped} on 2 processes" in resumed.stderr
+
+
+def local_rank_of(pid: int) -> int:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in environ if v.startswith(b"LOCAL_RANK=")).split(b"=", 1)[1])
+
+
+def test_killed_rank_restarts_from_last_checkpoint(tmp_path):
+    """SIGKILL one rank under ``torchrun --max-restarts=1``: the job restarts and resumes.
+
+    Every step after the last checkpoint is logged again by the restarted attempt (those
+    past it before the kill were lost with it), and none is skipped.
+    """
+    out, log = tmp_path / "run", tmp_path / "torchrun.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(torchrun(2, "--engine", "ddp", "--steps", "200", "--eval-every", "5",
+                                         "--checkpoint-every", "10", "--out", str(out), extra=("--max-restarts=1",)),
+                                env=ENV, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: any((out / "checkpoints").glob("ckpt-*")))
+            os.kill(next(pid for pid in workers_of(proc.pid) if local_rank_of(pid) == 1), signal.SIGKILL)
+            proc.wait(timeout=240)
+        finally:
+            stop(proc)
+    err = log.read_text()
+    assert proc.returncode == 0, err[-4000:]
+    resumed_at = int(re.search(r"resuming at step (\d+)", err).group(1))
+    assert resumed_at >= 10 and resumed_at % 10 == 0
+    steps = [int(x["step"]) for x in rows(out)]
+    restart = len(steps) - 1 - steps[::-1].index(resumed_at + 5)
+    assert steps[restart:] == list(range(resumed_at + 5, 201, 5))
+    assert steps[:restart] == list(range(5, steps[restart - 1] + 1, 5)) and steps[restart - 1] >= resumed_at
