@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
@@ -12,6 +12,7 @@ from torch.distributed.tensor import DTensor, Placement
 # ranks share one reduction instead of issuing one collective each.
 _by_ranks: dict[tuple[int, ...], dist.ProcessGroup] = {}
 _canonical_of: dict[int, tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
+_mesh_group_of: dict[int, tuple[DeviceMesh, dist.ProcessGroup]] = {}
 _world_seen: list[Optional[dist.ProcessGroup]] = [None]
 
 
@@ -20,6 +21,7 @@ def _forget_dead_groups() -> None:
     if _world_seen[0] is not dist.group.WORLD:
         _by_ranks.clear()
         _canonical_of.clear()
+        _mesh_group_of.clear()
         _world_seen[0] = dist.group.WORLD
 
 
@@ -35,17 +37,27 @@ def _ranks_group(ranks: tuple[int, ...], found: Optional[dist.ProcessGroup]) -> 
     return _by_ranks[ranks]
 
 
-def _canonical(group: dist.ProcessGroup) -> dist.ProcessGroup:
+K = TypeVar("K")
+
+
+def _memo(table: dict[int, tuple[K, dist.ProcessGroup]], key: K,
+          compute: Callable[[], dist.ProcessGroup]) -> dist.ProcessGroup:
+    """``compute()`` once per live ``key`` object (by identity; ``step()`` asks every step)."""
     _forget_dead_groups()
-    hit = _canonical_of.get(id(group))
-    if hit is None or hit[0] is not group:
-        hit = (group, _ranks_group(tuple(sorted(dist.get_process_group_ranks(group))), group))
-        _canonical_of[id(group)] = hit
+    hit = table.get(id(key))
+    if hit is None or hit[0] is not key:
+        hit = (key, compute())
+        table[id(key)] = hit
     return hit[1]
 
 
+def _canonical(group: dist.ProcessGroup) -> dist.ProcessGroup:
+    return _memo(_canonical_of, group,
+                 lambda: _ranks_group(tuple(sorted(dist.get_process_group_ranks(group))), group))
+
+
 def _whole_mesh_group(mesh: DeviceMesh) -> dist.ProcessGroup:
-    return _ranks_group(tuple(sorted(mesh.mesh.flatten().tolist())), None)
+    return _memo(_mesh_group_of, mesh, lambda: _ranks_group(tuple(sorted(mesh.mesh.flatten().tolist())), None))
 
 
 def reduction_for(mesh: DeviceMesh, placements: Sequence[Placement]) -> tuple[Optional[dist.ProcessGroup], bool]:
