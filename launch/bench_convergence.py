@@ -174,11 +174,25 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="configurations trained at once, one process each")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--out", type=Path, default=Path("runs/convergence"))
+    ap.add_argument("--replot", action="store_true", help="only rebuild the table and plot from OUT/convergence.csv")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    curves, restarts = read_csv(args) if args.replot else train_all(args)
+    report(args, curves, restarts)
+
+
+Curves = dict[tuple[str, float], list[Curve]]
+
+
+def best_lrs(curves: Curves) -> dict[str, float]:
+    """Each optimizer's learning rate with the lowest final validation loss, mean over seeds."""
+    return {name: min(LRS[name], key=lambda lr: statistics.mean(c[-1][1] for c in curves[(name, lr)])) for name in LRS}
+
+
+def train_all(args: argparse.Namespace) -> tuple[Curves, dict[str, Curve]]:
+    """Every sweep configuration, then the restart experiment at the best lrs; writes the CSV as it goes."""
     configs = [(name, lr, seed) for name, lrs in LRS.items() for lr in lrs for seed in range(args.seeds)]
-    finals: dict[tuple[str, float], list[float]] = {}
-    curves: dict[tuple[str, float], list[Curve]] = {}
+    curves: Curves = {}
     t0 = time.time()
     with ProcessPoolExecutor(args.workers, get_context("spawn"), init_worker, (args,)) as pool, \
             open(args.out / "convergence.csv", "w", newline="") as f:
@@ -187,18 +201,34 @@ def main() -> None:
         for (name, lr, seed), curve in zip(configs, pool.map(sweep_run, *zip(*configs))):
             for step, loss in curve:
                 writer.writerow(["sweep", name, lr, seed, step, f"{loss:.5f}"])
-            finals.setdefault((name, lr), []).append(curve[-1][1])
             curves.setdefault((name, lr), []).append(curve)
             print(f"{time.time() - t0:7.0f}s {name:22s} lr={lr:g} seed={seed} final val {curve[-1][1]:.4f}",
                   flush=True)
-        best = {name: min(LRS[name], key=lambda lr: statistics.mean(finals[(name, lr)])) for name in LRS}
+        best = best_lrs(curves)
         jobs = [pool.submit(lionsf_restarts, best["LionSF"]), pool.submit(adamw_extended, best["AdamW cosine"])]
         restarts = {"LionSF uninterrupted": curves[("LionSF", best["LionSF"])][0]}
         restarts |= {name: curve for job in jobs for name, curve in job.result().items()}
         for name, curve in restarts.items():
             for step, loss in curve:
                 writer.writerow(["restart", name, "", 0, step, f"{loss:.5f}"])
-    report(args, finals, curves, best, restarts)
+    return curves, restarts
+
+
+def read_csv(args: argparse.Namespace) -> tuple[Curves, dict[str, Curve]]:
+    """What :func:`train_all` wrote, read back; ``args.steps`` and ``args.seeds`` taken from it."""
+    runs: dict[tuple[str, float], dict[int, Curve]] = {}
+    restarts: dict[str, Curve] = {}
+    with open(args.out / "convergence.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            point = (int(row["step"]), float(row["val_loss"]))
+            if row["experiment"] == "sweep":
+                runs.setdefault((row["optimizer"], float(row["lr"])), {}).setdefault(int(row["seed"]), []).append(point)
+            else:
+                restarts.setdefault(row["optimizer"], []).append(point)
+    curves = {key: [by_seed[s] for s in sorted(by_seed)] for key, by_seed in runs.items()}
+    args.seeds = min(len(c) for c in curves.values())
+    args.steps = max(step for c in curves.values() for step, _ in c[0])
+    return curves, restarts
 
 
 def mean_curve(runs: list[Curve]) -> Curve:
@@ -206,11 +236,14 @@ def mean_curve(runs: list[Curve]) -> Curve:
     return [(step, statistics.mean(r[i][1] for r in runs)) for i, (step, _) in enumerate(runs[0])]
 
 
-def report(args, finals, curves, best, restarts) -> None:
+def report(args: argparse.Namespace, curves: Curves, restarts: dict[str, Curve]) -> None:
+    """OUT/convergence.md (and printed) and OUT/convergence.png."""
+    best = best_lrs(curves)
     lines = [f"# Convergence: {args.layers}-layer, {args.width}-wide byte-level GPT on stdlib text, "
              f"{args.steps} steps, batch {args.batch_size}x{args.block}, {args.seeds} seeds", "",
              "| optimizer | lr | final val loss (mean ± sd over seeds) |", "|---|---:|---:|"]
-    for (name, lr), vals in finals.items():
+    for (name, lr), runs in curves.items():
+        vals = [c[-1][1] for c in runs]
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
         mark = ""
         if best[name] == lr:
@@ -223,13 +256,17 @@ def report(args, finals, curves, best, restarts) -> None:
               "| optimizer (best lr) | steps |", "|---|---:|"]
     for name, curve in means.items():
         lines.append(f"| {name} ({best[name]:g}) | {next(s for s, v in curve if v <= target)} |")
-    lines += ["", "## Restart at half way", "", "| run | val loss at half | worst val loss after restart | final |",
-              "|---|---:|---:|---:|"]
+    lines += ["", "## Restart at half way", "",
+              "| run | val loss at half | worst after restart | spike | steps until back at the half-way loss | final |",
+              "|---|---:|---:|---:|---:|---:|"]
     half = args.steps // 2
     for name, curve in restarts.items():
         at_half = next(v for s, v in curve if s >= half)
-        after = [v for s, v in curve if s > half]
-        lines.append(f"| {name} | {at_half:.4f} | {max(after):.4f} | {curve[-1][1]:.4f} |")
+        after = [(s, v) for s, v in curve if s > half]
+        worst = max(v for _, v in after)
+        back = next((str(s - half) for s, v in after if v <= at_half), "never")
+        lines.append(f"| {name} | {at_half:.4f} | {worst:.4f} | {max(0.0, worst - at_half):+.4f} | {back} "
+                     f"| {curve[-1][1]:.4f} |")
     (args.out / "convergence.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     import matplotlib
