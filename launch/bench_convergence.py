@@ -13,7 +13,8 @@ Writes ``OUT/convergence.csv`` (every evaluation), ``OUT/convergence.md`` (table
     python launch/bench_convergence.py --steps 1500 --seeds 3 --workers 2 --out runs/convergence
 
 Every configuration is independent and deterministic, so ``--workers`` runs them in
-parallel processes (``--threads`` each); the losses do not depend on it.
+parallel processes (``--threads`` each); the losses do not depend on it. ``--replot``
+rebuilds the tables and the plot from an existing ``OUT/convergence.csv`` without training.
 """
 
 from __future__ import annotations
