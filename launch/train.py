@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     metrics = args.out / "metrics.csv"
     fields = ["step", "loss", "val_loss", "scale_mean", "tokens_per_s", "world_size"]
-    if rank == 0 and not metrics.exists():
+    if rank == 0 and (start == 0 or not metrics.exists()):  # a run from step 0 starts a new log
         with open(metrics, "w", newline="") as f:
             csv.writer(f).writerow(fields)
     bar = None

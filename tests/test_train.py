@@ -82,6 +82,14 @@ def test_every_engine_trains_in_one_process(engine, tmp_path):
     assert [x["world_size"] for x in r] == [1, 1] and r[-1]["val_loss"] < r[0]["val_loss"]
 
 
+def test_fresh_run_starts_a_new_log_and_resume_appends(tmp_path):
+    for _ in range(2):
+        run(1, "--steps", "10", "--eval-every", "5", "--out", str(tmp_path))
+    assert [x["step"] for x in rows(tmp_path)] == [5, 10]
+    run(1, "--steps", "15", "--eval-every", "5", "--resume", "--out", str(tmp_path))
+    assert [x["step"] for x in rows(tmp_path)] == [5, 10, 15]
+
+
 def test_fsdp2_and_deepspeed_resume_at_another_world_size_and_agree(tmp_path):
     """FSDP2 W=2 -> W=3 and DeepSpeed ZeRO-2 W=2 -> ZeRO-3 W=3 on the same data: the same run.
 
