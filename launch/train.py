@@ -196,7 +196,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--block", type=int, default=64, help="context length")
     ap.add_argument("--batch-size", type=int, default=16, help="sequences per rank per step")
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=2e-3, help="constant; the best of launch/bench_convergence.py's sweep")
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--agreement", choices=["tensor", "module", "group", "global"], default="module")
     ap.add_argument("--seed", type=int, default=0)
