@@ -186,7 +186,7 @@ def val_loss(model, data: torch.Tensor, args: argparse.Namespace, device: torch.
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Train a byte-level GPT on the Python standard library with LionSF.")
     ap.add_argument("--engine", choices=["ddp", "fsdp2", "deepspeed"], default="ddp")
-    ap.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=2, help="DeepSpeed ZeRO stage")
+    ap.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage (default 2)")
     ap.add_argument("--steps", type=int, default=300, help="the step to reach (a resumed run continues to it)")
     ap.add_argument("--checkpoint-every", type=int, default=100, help="0: only at the end and on SIGTERM")
     ap.add_argument("--out", type=Path, default=Path("runs/train"))
@@ -207,6 +207,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("steps", "layers", "width", "heads", "block", "batch_size", "eval_every", "eval_batches"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.zero_stage is not None and args.engine != "deepspeed":
+        ap.error(f"--zero-stage is a DeepSpeed setting; --engine {args.engine} shards without it")
+    if args.zero_stage is None:
+        args.zero_stage = 2
     if args.checkpoint_every < 0 or args.lr <= 0 or args.width % args.heads:
         ap.error("--checkpoint-every must be >= 0, --lr > 0, and --width a multiple of --heads")
     return args

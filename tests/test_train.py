@@ -117,10 +117,15 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     assert proc.returncode != 0 and "--resume" in proc.stderr and "checkpoint" in proc.stderr
 
 
-def test_bad_flag_is_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--steps", "0"], env=ENV,
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--engine", "fsdp2", "--zero-stage", "3"], "--zero-stage is a DeepSpeed setting"),
+    (["--width", "30", "--heads", "4"], "--width a multiple of --heads"),
+])
+def test_bad_flag_is_a_clear_error(flags, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), *flags], env=ENV,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--steps must be >= 1" in proc.stderr
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
