@@ -111,7 +111,8 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim.
     raise ValueError(name)
 
 
-Curve = list[tuple[int, float]]
+Curve = list[tuple[int, float]]  # (step, validation loss) at each evaluation
+Curves = dict[tuple[str, float], list[Curve]]  # (optimizer, lr) -> one curve per seed
 _ARGS: argparse.Namespace
 _DATA: tuple[torch.Tensor, torch.Tensor]
 
@@ -180,9 +181,6 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     curves, restarts = read_csv(args) if args.replot else train_all(args)
     report(args, curves, restarts)
-
-
-Curves = dict[tuple[str, float], list[Curve]]
 
 
 def best_lrs(curves: Curves) -> dict[str, float]:

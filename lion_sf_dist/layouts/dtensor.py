@@ -37,10 +37,10 @@ def _ranks_group(ranks: tuple[int, ...], found: Optional[dist.ProcessGroup]) -> 
     return _by_ranks[ranks]
 
 
-K = TypeVar("K")
+_Key = TypeVar("_Key")
 
 
-def _memo(table: dict[int, tuple[K, dist.ProcessGroup]], key: K,
+def _memo(table: dict[int, tuple[_Key, dist.ProcessGroup]], key: _Key,
           compute: Callable[[], dist.ProcessGroup]) -> dist.ProcessGroup:
     """``compute()`` once per live ``key`` object (by identity; ``step()`` asks every step)."""
     _forget_dead_groups()
