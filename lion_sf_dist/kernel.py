@@ -9,53 +9,113 @@ Three pure stages, all on local tensors (no process groups, no DTensor, no DeepS
 * :func:`apply_update` -- per tensor, weight decay, the scaled signed step and the
   momentum update, in place, leaving a skipped unit bit-for-bit unchanged.
 
-``count_agreement`` and ``apply_update`` run either eagerly (in cache-sized chunks, so
-temporaries stay bounded) or through ``torch.compile`` (one fused loop per tensor,
-Triton on GPU, vectorised C++ on CPU): :class:`Kernel` picks one.
+Whatever the dtype of ``p``, ``g`` and ``exp_avg`` (float32, bfloat16, float16), the
+arithmetic runs in float32 and each result is rounded once when stored (see
+docs/CONTRACT.md): to nearest, or, for bfloat16 destinations when a :class:`Rounding` is
+given, stochastically with bits that depend only on the element's place in the logical
+(unsharded) parameter (:mod:`lion_sf_dist.rounding`). For float32 tensors the stored
+values are those of the float32 expressions themselves.
+
+:class:`Kernel` runs the stages over all tensors of a step on one of three paths, with
+the same maths:
+
+* chunked (eager, tensor by tensor in cache-sized chunks: temporaries stay small; the CPU default);
+* multi-tensor (eager ``torch._foreach_*`` ops: a constant number of dispatched ops per
+  step whatever the sizes and number of tensors; the GPU default);
+* compiled (``torch.compile``: one fused loop per tensor, Triton on GPU, C++ on CPU).
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch._dynamo.config
 from torch import Tensor
 
+from lion_sf_dist.rounding import Rounding, stochastic_bf16
+
 # Eager temporaries are a few chunks of this many elements (1 MiB in fp32): they stay in cache.
 CHUNK = 1 << 18
 # Eager counts are float32 sums of zeros and ones: exact up to this many elements.
 EXACT_FLOAT_COUNT = 1 << 24
+F32 = torch.float32
 
 
-def count_agreement(m: Tensor, g: Tensor, beta1: float) -> Tensor:
+def _f32(t: Tensor) -> Tensor:
+    """``t`` itself when float32 (no copy), else an exact float32 copy."""
+    return t if t.dtype == F32 else t.float()
+
+
+def _interp(m32: Tensor, g32: Tensor, beta: float | tuple[Tensor, Tensor]) -> Tensor:
+    """``m * b + g * (1 - b)`` as a new float32 tensor.
+
+    Eager ``beta`` is a float and this is ``m.mul(b).add_(g, alpha=1 - b)`` (the rounding
+    docs/CONTRACT.md pins); compiled it is ``(b, 1 - b)`` as 0-d tensors (both rounded from
+    float64 on the host, as ``alpha`` is), so a change of betas needs no recompilation.
+    """
+    if isinstance(beta, tuple):
+        b, one_minus_b = beta
+        return m32 * b + g32 * one_minus_b
+    return m32.mul(beta).add_(g32, alpha=1.0 - beta)
+
+
+def _momentum(m32: Tensor, g32: Tensor, keep: Tensor, beta: float | tuple[Tensor, Tensor]) -> Tensor:
+    """``m * b + g * (1 - b)`` in place on float32 ``m32`` where ``keep``; ``m32`` unchanged otherwise."""
+    if isinstance(beta, tuple):
+        b, one_minus_b = beta
+        return m32.mul_(torch.where(keep, b, 1.0)).add_(torch.where(keep, g32, 0.0) * one_minus_b)
+    return m32.mul_(torch.where(keep, beta, 1.0)).add_(_zeroed_unless(keep, g32), alpha=1.0 - beta)
+
+
+def count_agreement(m: Tensor, g: Tensor, beta1: float | tuple[Tensor, Tensor]) -> Tensor:
     """``[A, P]`` (int64) for one tensor (eager: of at most ``2**24`` elements).
 
-    ``A = #(sign(m * b1 + g * (1 - b1)) * g > 0)``, exactly; ``P > 0`` exactly when ``g``
-    holds a NaN or an Inf (``g * 0`` is 0 for every finite value, NaN otherwise).
+    ``A = #(sign(m * b1 + g * (1 - b1)) * g > 0)``, exactly, in float32 whatever the
+    dtypes; ``P > 0`` exactly when ``g`` holds a NaN or an Inf (``g * 0`` is 0 for every
+    finite value, NaN otherwise).
     """
-    u = m.mul(beta1).add_(g, alpha=1.0 - beta1).sign_()
+    g32 = _f32(g)
+    u = _interp(_f32(m), g32, beta1).sign_()
     if torch.compiler.is_compiling():  # fused integer reductions
-        return torch.stack(((u.mul_(g) > 0).sum(), (g.mul(0.0) != 0).sum()))
+        return torch.stack(((u.mul_(g32) > 0).sum(), (g.mul(0.0) != 0).sum()))
     # Eager CPU comparisons and isfinite cost several times more than arithmetic; a float32
     # sum of zeros and ones is exact up to 2**24 elements, hence the caller's chunks.
-    agree = u.mul_(g).sign_().clamp_(min=0.0).sum(dtype=torch.float32)
+    agree = u.mul_(g32).sign_().clamp_(min=0.0).sum(dtype=torch.float32)
     poisoned = g.mul(0.0).sum(dtype=torch.float32).isnan()
     return torch.stack((agree.to(torch.int64), poisoned.to(torch.int64)))
 
 
 def apply_update(
-    p: Tensor, m: Tensor, g: Tensor, step_size: Tensor, decay: Tensor, keep: Tensor, beta1: float, beta2: float
+    p: Tensor, m: Tensor, g: Tensor, step_size: Tensor, decay: Tensor, keep: Tensor,
+    beta1: float | tuple[Tensor, Tensor], beta2: float | tuple[Tensor, Tensor],
+    draws: Optional[tuple[Optional[Callable[[Tensor], Tensor]], Optional[Callable[[Tensor], Tensor]]]] = None,
 ) -> None:
-    """One LionSF step of one tensor, in place.
+    """One LionSF step of one tensor, in place, computed in float32.
 
     ``step_size = -lr * s_U`` and ``decay = 1 - lr * wd_eff`` are 0-d float32 tensors and
     ``keep`` a 0-d bool. A skipped unit (``keep`` false) gets ``step_size = 0`` and
     ``decay = 1`` from the caller; here its gradient becomes zeros and its momentum decay
     1, so ``p`` and ``m`` keep their values even when ``g`` holds NaN or Inf (``sign``
-    maps NaN to 0).
+    maps NaN to 0). ``draws`` (for ``p`` and ``m``): turn a float32 result into the
+    stochastically rounded float32 value to store, or ``None`` to round to nearest.
     """
-    u = m.mul(beta1).add_(g, alpha=1.0 - beta1).sign_()
-    p.mul_(decay).add_(u.mul_(step_size))
-    m.mul_(torch.where(keep, beta2, 1.0)).add_(_zeroed_unless(keep, g), alpha=1.0 - beta2)
+    g32 = _f32(g)
+    m32 = _f32(m)
+    u = _interp(m32, g32, beta1).sign_()
+    p32 = _f32(p).mul_(decay).add_(u.mul_(step_size))
+    _momentum(m32, g32, keep, beta2)
+    draw_p, draw_m = draws if draws is not None else (None, None)
+    _store(p, p32, draw_p)
+    _store(m, m32, draw_m)
+
+
+def _store(dst: Tensor, value: Tensor, draw: Optional[Callable[[Tensor], Tensor]]) -> None:
+    """Write the float32 ``value`` into ``dst``: nothing to do when it is ``dst``, else one rounding."""
+    if value is dst:
+        return
+    dst.copy_(draw(value) if draw is not None and dst.dtype == torch.bfloat16 else value)
 
 
 def _zeroed_unless(keep: Tensor, g: Tensor) -> Tensor:
@@ -80,9 +140,9 @@ def unit_scales(
 
     ``agreement = 2 * A / N - 1`` in float32; ``scale = |agreement| ** pow`` (``negative="abs"``)
     or ``max(agreement, 0) ** pow`` (``"clamp"``). A unit steps (``keep``) when it has elements
-    and no non-finite gradient; otherwise its scale is 0. With ``ema`` (SPEC section 8) the
-    scale uses ``b1 * ema + (1 - b1) * agreement`` and ``ema`` is advanced in place for the
-    units that step.
+    and no non-finite gradient; otherwise its scale is 0. With ``ema`` (see docs/CONTRACT.md)
+    the scale uses ``b1 * ema + (1 - b1) * agreement`` and ``ema`` is advanced in place for
+    the units that step.
     """
     agree, n, poisoned = totals.unbind(1)
     keep = (n > 0) & (poisoned == 0)
@@ -98,75 +158,381 @@ def unit_scales(
     return agreement, scale, keep
 
 
-def _flat_chunks(size: int, *tensors: Tensor) -> list[tuple[Tensor, ...]]:
-    """Matching flat pieces of at most ``size`` elements (whole tensors if one is not contiguous)."""
+def _flat_chunks(size: int, *tensors: Tensor) -> list[tuple[int, tuple[Tensor, ...]]]:
+    """``(offset, pieces)``: matching flat pieces of at most ``size`` elements (whole tensors if one is not contiguous)."""
     if not all(t.is_contiguous() for t in tensors):
         if tensors[0].numel() > EXACT_FLOAT_COUNT:
             raise ValueError(f"LionSF's eager kernel needs contiguous tensors above {EXACT_FLOAT_COUNT} elements "
                              f"(got one of shape {tuple(tensors[0].shape)}); use use_triton=True or a contiguous layout")
-        return [tensors]
+        return [(0, tensors)]
     flats = [t.view(-1) for t in tensors]
-    return [tuple(f[i : i + size] for f in flats) for i in range(0, flats[0].numel(), size)]
+    return [(i, tuple(f[i : i + size] for f in flats)) for i in range(0, flats[0].numel(), size)]
 
 
-def _count_many(ms: list[Tensor], gs: list[Tensor], beta1s: tuple[float, ...]) -> Tensor:
-    return torch.stack([count_agreement(m, g, b1) for m, g, b1 in zip(ms, gs, beta1s)])
+def _draws(rounding: Optional[Rounding], seg: int, start: int, shape: torch.Size):
+    """The stochastic-rounding functions for ``p`` and ``m`` of local elements ``start..`` of segment ``seg``."""
+    if rounding is None:
+        return None
+    return tuple(_draw_fn(rounding, seg, stream, start, shape) for stream in (0, 1))
 
 
-def _apply_many(ps: list[Tensor], ms: list[Tensor], gs: list[Tensor], step_size: Tensor, decay: Tensor, keep: Tensor,
-                beta1s: tuple[float, ...], beta2s: tuple[float, ...]) -> None:
+def _draw_fn(rounding: Rounding, seg: int, stream: int, start: int, shape: torch.Size) -> Callable[[Tensor], Tensor]:
+    def draw(value: Tensor) -> Tensor:
+        return stochastic_bf16(value, rounding.bits(seg, stream, start, shape, value.device))
+
+    return draw
+
+
+def _chunked_count(ms: Sequence[Tensor], gs: Sequence[Tensor], beta1s: Sequence[float]) -> Tensor:
+    rows = []
+    for m, g, beta1 in zip(ms, gs, beta1s):
+        parts = [count_agreement(mc, gc, beta1) for _, (mc, gc) in _flat_chunks(CHUNK, m, g)]
+        rows.append(parts[0] if len(parts) == 1 else torch.stack(parts).sum(0))
+    return torch.stack(rows)
+
+
+def _chunked_apply(ps: Sequence[Tensor], ms: Sequence[Tensor], gs: Sequence[Tensor], step_size: Tensor, decay: Tensor,
+                   keep: Tensor, beta1s: Sequence[float], beta2s: Sequence[float], rounding: Optional[Rounding],
+                   only: Optional[Sequence[int]] = None) -> None:
+    """:func:`apply_update` chunk by chunk on segments ``only`` (default: all)."""
+    a_all, d_all, k_all = step_size.unbind(), decay.unbind(), keep.unbind()
+    for i in (range(len(ps)) if only is None else only):
+        for start, (pc, mc, gc) in _flat_chunks(CHUNK, ps[i], ms[i], gs[i]):
+            args = (pc, mc, gc, a_all[i], d_all[i], k_all[i], beta1s[i], beta2s[i])
+            if rounding is None:
+                apply_update(*args)  # positional only: tests swap in variants with the plain signature
+            else:
+                apply_update(*args, draws=_draws(rounding, i, start, pc.shape))
+
+
+# -- the multi-tensor path ----------------------------------------------------------------
+
+
+def _groups(keys: Sequence[tuple]) -> dict[tuple, list[int]]:
+    """Positions sharing a key, in order of first appearance."""
+    out: dict[tuple, list[int]] = {}
+    for i, k in enumerate(keys):
+        out.setdefault(k, []).append(i)
+    return out
+
+
+def _pick(xs: Sequence, idx: Sequence[int]) -> list:
+    return [xs[i] for i in idx]
+
+
+class _ForeachKernel:
+    """Each stage over all tensors of a step with ``torch._foreach_*`` ops.
+
+    Tensors are grouped by ``(beta1, beta2)`` (``add`` with ``alpha`` takes one scalar per
+    call) and by whether ``p``/``exp_avg`` are float32 (low-precision ones are promoted to
+    float32 by multiplying with a ``(1,)``-shaped float32 tensor, which is exact, and are
+    written back once at the end). The dispatched ops per step are a constant per group,
+    not per tensor or element; on CUDA the calls whose second list holds per-tensor
+    ``(1,)`` scalars take ATen's per-tensor route, the others its fused multi-tensor one.
+
+    Counts: ``sign(u * g)`` clamped at 0 is 0 or 1, plus ``g * 0`` (NaN where ``g`` is not
+    finite); a float64 L1 norm of each tensor is then the exact count, or NaN.
+
+    The momentum update needs the gradient with NaN/Inf replaced by 0 in skipped units,
+    a select no ``_foreach`` op offers: all gradients are gathered into one float32 buffer
+    (one ``_chunk_cat``), where one ``nan_to_num_`` cleans them, and ``p``/``exp_avg`` are
+    seen through flat views kept from step to step (they are the same tensors every step).
+    Non-contiguous tensors go through the chunked path. Peak extra memory: about 8 bytes
+    per element (the gathered gradients and the update direction), like AdamW's foreach.
+    """
+
+    def __init__(self) -> None:
+        self._views: dict[int, tuple[Tensor, Tensor]] = {}
+        self._consts: Optional[tuple[tuple, Tensor]] = None
+        self._inverse: Optional[tuple[tuple, Tensor]] = None
+
+    def flat(self, t: Tensor) -> Tensor:
+        """A flat view of ``t``, remembered while ``t`` lives (one ``view`` op the first time)."""
+        hit = self._views.get(id(t))
+        if hit is not None and hit[0] is t:
+            return hit[1]
+        view = t.view(-1)
+        self._views[id(t)] = (t, view)
+        return view
+
+    def forget_unused(self, live: Sequence[Tensor]) -> None:
+        ids = set(map(id, live))
+        if any(k not in ids for k in self._views):
+            self._views = {k: v for k, v in self._views.items() if k in ids}
+
+    def beta2_vector(self, beta2s: Sequence[float], device: torch.device) -> Tensor:
+        """``beta2`` per segment on ``device``, rebuilt only when the betas change."""
+        key = (tuple(beta2s), device)
+        if self._consts is None or self._consts[0] != key:
+            self._consts = (key, _to_device(torch.tensor(beta2s, dtype=F32), device))
+        return self._consts[1]
+
+    def inverse(self, order: Sequence[int], device: torch.device) -> Tensor:
+        """Indices putting rows gathered group by group in ``order`` back in segment order (kept on the device)."""
+        key = (tuple(order), device)
+        if self._inverse is None or self._inverse[0] != key:
+            inv = [0] * len(order)
+            for pos, i in enumerate(order):
+                inv[i] = pos
+            self._inverse = (key, _to_device(torch.tensor(inv, dtype=torch.int64), device))
+        return self._inverse[1]
+
+    def count(self, ms: Sequence[Tensor], gs: Sequence[Tensor], beta1s: Sequence[float]) -> Tensor:
+        parts, order = [], []
+        for (b1, m_low, g_low), idx in _groups([(b1, m.dtype != F32, g.dtype != F32)
+                                                 for m, g, b1 in zip(ms, gs, beta1s)]).items():
+            m_, g_ = _pick(ms, idx), _pick(gs, idx)
+            device = m_[0].device
+            if m_low:
+                c = torch._foreach_mul(m_, [torch.full((1,), b1, dtype=F32, device=device)] * len(idx))
+            else:
+                c = torch._foreach_mul(m_, b1)
+            g32 = torch._foreach_mul(g_, [torch.ones(1, dtype=F32, device=device)] * len(idx)) if g_low else g_
+            torch._foreach_add_(c, g32, alpha=1.0 - b1)
+            torch._foreach_sign_(c)
+            torch._foreach_mul_(c, g32)
+            torch._foreach_sign_(c)
+            torch._foreach_clamp_min_(c, 0.0)
+            torch._foreach_add_(c, torch._foreach_mul(g_, 0.0))
+            parts.append(torch.stack(torch._foreach_norm(c, 1, dtype=torch.float64)))
+            order.extend(idx)
+        counts = parts[0] if len(parts) == 1 else torch.cat(parts)[self.inverse(order, parts[0].device)]
+        poisoned = counts.isnan()
+        return torch.stack((counts.nan_to_num(0.0).to(torch.int64), poisoned.to(torch.int64)), dim=1)
+
+    def apply(self, ps: Sequence[Tensor], ms: Sequence[Tensor], gs: Sequence[Tensor], step_size: Tensor,
+              decay: Tensor, keep: Tensor, beta1s: Sequence[float], beta2s: Sequence[float],
+              rounding: Optional[Rounding]) -> None:
+        n = len(ps)
+        device = ps[0].device
+        dense = [i for i in range(n) if ps[i].is_contiguous() and ms[i].is_contiguous() and gs[i].is_contiguous()]
+        if len(dense) < n:
+            _chunked_apply(ps, ms, gs, step_size, decay, keep, beta1s, beta2s, rounding,
+                           only=sorted(set(range(n)) - set(dense)))
+        if not dense:
+            return
+        self.forget_unused([*ps, *ms])
+        pf = [self.flat(ps[i]) for i in dense]
+        mf = [self.flat(ms[i]) for i in dense]
+        sizes = [t.numel() for t in pf]
+        gathered = torch.empty((1, sum(sizes)), dtype=F32, device=device)
+        torch._chunk_cat([gs[i] for i in dense], 0, 1, out=gathered)
+        gf = gathered.view(-1).split_with_sizes(sizes)
+        steps = step_size.view(-1, 1).unbind(0)
+        decays = decay.view(-1, 1).unbind(0)
+        keeps = keep.to(F32).view(-1, 1).unbind(0)
+        b2k = torch.where(keep, self.beta2_vector(beta2s, device), 1.0).view(-1, 1).unbind(0)
+        groups = _groups([(beta1s[i], beta2s[i], ps[i].dtype != F32, ms[i].dtype != F32) for i in dense])
+        # p first, from the old m; then clean the gradients of skipped units; then m
+        for (b1, _, p_low, m_low), idx in groups.items():
+            at = [dense[j] for j in idx]
+            m_ = _pick(mf, idx)
+            if m_low:
+                u = torch._foreach_mul(m_, [torch.full((1,), b1, dtype=F32, device=device)] * len(idx))
+            else:
+                u = torch._foreach_mul(m_, b1)
+            torch._foreach_add_(u, _pick(gf, idx), alpha=1.0 - b1)
+            torch._foreach_sign_(u)
+            torch._foreach_mul_(u, _pick(steps, at))
+            p_ = _pick(pf, idx)
+            p32 = torch._foreach_mul(p_, _pick(decays, at)) if p_low else p_
+            if not p_low:
+                torch._foreach_mul_(p_, _pick(decays, at))
+            torch._foreach_add_(p32, u)
+            del u
+            if p_low:
+                self._store(p_, p32, rounding, at, 0)
+        torch._foreach_mul_(list(gf), _pick(keeps, dense))
+        gathered.nan_to_num_(0.0, 0.0, 0.0)
+        for (_, b2, _, m_low), idx in groups.items():
+            at = [dense[j] for j in idx]
+            m_ = _pick(mf, idx)
+            m32 = torch._foreach_mul(m_, _pick(b2k, at)) if m_low else m_
+            if not m_low:
+                torch._foreach_mul_(m_, _pick(b2k, at))
+            torch._foreach_add_(m32, _pick(gf, idx), alpha=1.0 - b2)
+            if m_low:
+                self._store(m_, m32, rounding, at, 1)
+
+    @staticmethod
+    def _store(dst: list[Tensor], values: list[Tensor], rounding: Optional[Rounding], at: Sequence[int],
+               stream: int) -> None:
+        """Round float32 ``values`` into ``dst``: one ``_foreach_copy_`` to nearest, or per tensor stochastically."""
+        if rounding is None or dst[0].dtype != torch.bfloat16:
+            torch._foreach_copy_(dst, values)
+            return
+        for d, v, seg in zip(dst, values, at):
+            for start in range(0, d.numel(), CHUNK):
+                piece = v[start : start + CHUNK]
+                d[start : start + CHUNK].copy_(stochastic_bf16(piece, rounding.bits(seg, stream, start, piece.shape,
+                                                                                     piece.device)))
+
+
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """``host`` on ``device``, through pinned memory without blocking when that is a CUDA device."""
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+# -- the compiled path ---------------------------------------------------------------------
+
+# Distinct compiled variants (tensor counts, dtypes, ranks, rounding layouts) per compiled
+# function and process. Dynamo keeps at most ``recompile_limit`` graphs per function (8 in
+# torch 2.13) and with ``fullgraph=True`` raises past it; staying well below it leaves room
+# for graphs dynamo splits on guards we do not predict.
+MAX_COMPILED_VARIANTS = 4
+_variants: dict[str, set] = {"count": set(), "apply": set()}
+
+
+def _flat(t: Tensor) -> Tensor:
+    """A 1-D view when ``t`` is contiguous (every tensor then shares one generated loop), else ``t``."""
+    return t.view(-1) if t.is_contiguous() else t
+
+
+def _compiled_count(ms: list[Tensor], gs: list[Tensor], coefs: Tensor) -> Tensor:
+    """``[S, 2]`` counts of every ``(m, g)``; ``coefs[i] = (b1, 1 - b1, b2, 1 - b2)`` in float32."""
+    return torch.stack([count_agreement(_flat(m), _flat(g), (coefs[i, 0], coefs[i, 1]))
+                        for i, (m, g) in enumerate(zip(ms, gs))])
+
+
+def _compiled_apply(ps: list[Tensor], ms: list[Tensor], gs: list[Tensor], step_size: Tensor, decay: Tensor,
+                    keep: Tensor, coefs: Tensor, keys: Optional[Tensor], index: tuple) -> None:
+    """:func:`apply_update` of every tensor; with ``keys`` (``[S, 2]``) stochastic rounding by ``index``."""
     for i, (p, m, g) in enumerate(zip(ps, ms, gs)):
-        apply_update(p, m, g, step_size[i], decay[i], keep[i], beta1s[i], beta2s[i])
+        draws = None
+        if keys is not None:
+            positions = index[i].positions(0, p.numel(), p.device).view(p.shape)
+            draws = tuple(_bits_draw(keys[i, s], positions) for s in (0, 1))
+        pf, mf, gf = (_flat(t) for t in (p, m, g)) if draws is None else (p, m, g)
+        apply_update(pf, mf, gf, step_size[i], decay[i], keep[i], (coefs[i, 0], coefs[i, 1]),
+                     (coefs[i, 2], coefs[i, 3]), draws=draws)
 
 
-def _compile(fn):
+def _bits_draw(key: Tensor, positions: Tensor) -> Callable[[Tensor], Tensor]:
+    def draw(value: Tensor) -> Tensor:
+        return stochastic_bf16(value, random16(key, positions))
+
+    return draw
+
+
+def _compile(fn: Callable, device: torch.device) -> Callable:
     """``torch.compile`` of a multi-tensor function: one call per step, one fused loop per tensor.
 
     One call for all tensors because a compiled call costs about 0.3 ms of guards and
-    dispatch (a 144-tensor model spent more there than in the arithmetic). Shapes are
-    static: a model's tensors do not change between steps, and a new set compiles anew.
-    The betas are compiled in as constants (torch 2.13 otherwise traced Python floats
-    symbolically and reused a graph with a stale ``alpha``); ``cpp.dynamic_threads``
-    keeps every CPU loop parallel (inductor otherwise left small ones on one thread).
+    dispatch (a 144-tensor model spent more there than in the arithmetic). Sizes are
+    dynamic and tensors are flattened, so tensors of one dtype share one generated loop
+    (compile time no longer grows with the number of distinct shapes) and a model whose
+    tensors change size keeps its graph; betas are float32 tensors, so changing them never
+    recompiles. ``cpp.dynamic_threads`` (CPU only) keeps every CPU loop parallel.
     """
-    compiled = torch.compile(fn, dynamic=False, fullgraph=True, options={"cpp.dynamic_threads": True})
-
-    def run(*args):
-        with torch._dynamo.config.patch(specialize_float=True):
-            return compiled(*args)
-
-    return run
+    options = {"cpp.dynamic_threads": True} if device.type == "cpu" else {}
+    return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
 
 
 class Kernel:
     """Runs :func:`count_agreement` and :func:`apply_update` over lists of tensors.
 
-    Eager: tensor by tensor in cache-sized chunks, so temporaries stay small. Compiled:
-    all tensors in one ``torch.compile``-d call, with no temporaries at all.
+    ``compiled``: all tensors in one ``torch.compile``-d call (no temporaries at all);
+    past :data:`MAX_COMPILED_VARIANTS` variants per process it runs new variants on the
+    eager path instead, with one warning. ``foreach``: the eager multi-tensor path
+    (:class:`_ForeachKernel`), else the eager chunked path (cache-sized chunks, tensor by
+    tensor). The compiled path's eager fallback is the multi-tensor path when ``foreach``.
     """
 
-    def __init__(self, compiled: bool) -> None:
+    def __init__(self, compiled: bool, foreach: bool = False) -> None:
         self.compiled = compiled
-        self._count = _compile(_count_many) if compiled else None
-        self._apply = _compile(_apply_many) if compiled else None
+        self.foreach = foreach
+        self._foreach = _ForeachKernel() if foreach else None
+        self._compiled: dict[tuple[str, str], Callable] = {}
+        self._coefs: Optional[tuple[tuple, Tensor]] = None
+        self._warned = False
 
-    def count(self, ms: list[Tensor], gs: list[Tensor], beta1s: tuple[float, ...]) -> Tensor:
-        """``[S, 2]`` int64: :func:`count_agreement` of each ``(m, g)``."""
-        if self._count is not None:
-            return self._count(ms, gs, beta1s)
-        rows = []
-        for m, g, beta1 in zip(ms, gs, beta1s):
-            parts = [count_agreement(mc, gc, beta1) for mc, gc in _flat_chunks(CHUNK, m, g)]
-            rows.append(parts[0] if len(parts) == 1 else torch.stack(parts).sum(0))
-        return torch.stack(rows)
+    # -- eager and compiled dispatch --------------------------------------------------
 
-    def apply(self, ps: list[Tensor], ms: list[Tensor], gs: list[Tensor], step_size: Tensor, decay: Tensor,
-              keep: Tensor, beta1s: tuple[float, ...], beta2s: tuple[float, ...]) -> None:
-        """:func:`apply_update` on each ``(p, m, g)`` with the ``i``-th entry of ``step_size``, ``decay``, ``keep``."""
-        if self._apply is not None:
-            self._apply(ps, ms, gs, step_size, decay, keep, beta1s, beta2s)
+    def count(self, ms: Sequence[Tensor], gs: Sequence[Tensor], beta1s: Sequence[float]) -> Tensor:
+        """``[S, 2]`` int64: :func:`count_agreement` of each ``(m, g)``; ``A`` is 0 where ``P > 0``.
+
+        (A tensor with a non-finite gradient skips its unit; the paths' raw counts differ
+        there, so its ``A`` is set to 0 on all of them and ``last_agreement`` does not
+        depend on the path.)
+        """
+        rows = None
+        if self.compiled:
+            fn = self._compiled_fn("count", _compiled_count, (ms, gs), None)
+            if fn is not None:
+                done, rows = fn(list(ms), list(gs), self._coef_tensor(beta1s, beta1s, ms[0].device))
+                rows = rows if done else None
+        if rows is None:
+            rows = self._foreach.count(ms, gs, beta1s) if self._foreach is not None else _chunked_count(ms, gs, beta1s)
+        return torch.stack((rows[:, 0] * (rows[:, 1] == 0), rows[:, 1]), dim=1)
+
+    def apply(self, ps: Sequence[Tensor], ms: Sequence[Tensor], gs: Sequence[Tensor], step_size: Tensor,
+              decay: Tensor, keep: Tensor, beta1s: Sequence[float], beta2s: Sequence[float],
+              rounding: Optional[Rounding] = None) -> None:
+        """:func:`apply_update` on each ``(p, m, g)`` with the ``i``-th entry of ``step_size``, ``decay``, ``keep``.
+
+        ``rounding``: stochastic rounding of bfloat16 ``p`` and ``exp_avg`` (else to nearest).
+        """
+        if self.compiled:
+            fn = self._compiled_fn("apply", _compiled_apply, (ps, ms, gs), rounding)
+            if fn is not None:
+                keys = rounding.keys() if rounding is not None else None
+                index = rounding.index if rounding is not None else ()
+                done, _ = fn(list(ps), list(ms), list(gs), step_size, decay, keep,
+                             self._coef_tensor(beta1s, beta2s, ps[0].device), keys, index)
+                if done:
+                    return
+        if self._foreach is not None:
+            self._foreach.apply(ps, ms, gs, step_size, decay, keep, beta1s, beta2s, rounding)
             return
-        for p, m, g, a, d, k, b1, b2 in zip(ps, ms, gs, step_size.unbind(), decay.unbind(), keep.unbind(),
-                                            beta1s, beta2s):
-            for pc, mc, gc in _flat_chunks(CHUNK, p, m, g):
-                apply_update(pc, mc, gc, a, d, k, b1, b2)
+        _chunked_apply(ps, ms, gs, step_size, decay, keep, beta1s, beta2s, rounding)
+
+    def _coef_tensor(self, beta1s: Sequence[float], beta2s: Sequence[float], device: torch.device) -> Tensor:
+        """``[S, 4]`` float32 ``(b1, 1 - b1, b2, 1 - b2)`` on ``device``, rebuilt only when the betas change."""
+        key = (tuple(beta1s), tuple(beta2s), device)
+        if self._coefs is None or self._coefs[0] != key:
+            host = torch.tensor([(b1, 1.0 - b1, b2, 1.0 - b2) for b1, b2 in zip(beta1s, beta2s)],
+                                dtype=torch.float64).to(F32)
+            self._coefs = (key, _to_device(host, device))
+        return self._coefs[1]
+
+    def _compiled_fn(self, kind: str, fn: Callable, lists: tuple[Sequence[Tensor], ...],
+                     rounding: Optional[Rounding]) -> Optional[Callable]:
+        """The compiled ``fn`` for this variant of tensors, or ``None`` (eager) once the variant budget is spent."""
+        first = lists[0][0]
+        variant = (kind, first.device.type, len(lists[0]),
+                   tuple((t.dtype, t.dim(), t.is_contiguous(), min(t.numel(), 2)) for ts in lists for t in ts),
+                   None if rounding is None else rounding.index)
+        seen = _variants[kind]
+        if variant not in seen:
+            if len(seen) >= MAX_COMPILED_VARIANTS:
+                self._warn_fallback()
+                return None
+            seen.add(variant)
+        key = (kind, first.device.type)
+        if key not in self._compiled:
+            self._compiled[key] = _guarded(_compile(fn, first.device), self)
+        return self._compiled[key]
+
+    def _warn_fallback(self) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"LionSF(use_triton=True): more than {MAX_COMPILED_VARIANTS} different sets of tensors were stepped "
+                "(parameters gaining or losing gradients, changing dtypes); new ones now run on the eager path, "
+                "with the same maths, instead of compiling again", RuntimeWarning, stacklevel=4)
+
+
+def _guarded(compiled: Callable, kernel: Kernel) -> Callable[..., tuple[bool, object]]:
+    """``(True, compiled(*args))``, or ``(False, None)`` when dynamo's recompile limit was hit through graphs we
+    did not predict (the caller then runs the eager path; the arguments are untouched: nothing ran)."""
+
+    def run(*args: object) -> tuple[bool, object]:
+        try:
+            return True, compiled(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            kernel._warn_fallback()
+            return False, None
+
+    return run
