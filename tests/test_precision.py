@@ -1,0 +1,177 @@
+"""Low-precision parameters and state against the reference's precision rules (see docs/CONTRACT.md).
+
+* fp32 maths: with bfloat16 (or float16) ``p``, ``g`` and ``exp_avg``, every result is the
+  float32 expression rounded once when stored. With ``pow=0`` the scale is exactly 1, so
+  the library and tests/reference.py compute the same float32 values and must store the
+  same bits; a kernel doing the arithmetic in bfloat16 must fail.
+* stochastic rounding: each stored value is one of the two bfloat16 neighbours of the
+  float32 result, and their average is the float32 result; rounding to nearest must fail.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lion_sf_dist.kernel as kernel
+from lion_sf_dist import LionSF
+from lion_sf_dist.kernel import Kernel
+from lion_sf_dist.rounding import IndexMap, Rounding
+from tests.reference import ReferenceLionSF, bf16_neighbours
+
+SHAPES = [(6, 5), (7,), (1,), (40, 33)]
+HYPER = [dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.3)]
+
+
+def _run(dtype: torch.dtype, foreach: bool, steps: int = 5, pow: float = 0.0):
+    gen = torch.Generator().manual_seed(11)
+    full = [(torch.randn(s, generator=gen) * 0.05).to(dtype) for s in SHAPES]
+    lib = [t.clone().requires_grad_() for t in full]
+    opt = LionSF(lib, **HYPER[0], pow=pow)
+    if foreach:
+        opt._kernel = Kernel(False, foreach=True)
+    ref = ReferenceLionSF([t.clone() for t in full], [f"t{i}" for i in range(len(full))], [0] * len(full), HYPER,
+                          pow=pow)
+    for _ in range(steps):
+        grads = [(torch.randn(s, generator=gen) * 0.1).to(dtype) for s in SHAPES]
+        for p, g in zip(lib, grads):
+            p.grad = g.clone()
+        opt.step()
+        ref.step([g.clone() for g in grads])
+    return opt, lib, ref
+
+
+def _assert_bitwise(opt, lib, ref) -> None:
+    for i, (p, rp, rm) in enumerate(zip(lib, ref.params, ref.exp_avg)):
+        assert torch.equal(opt.state[p]["exp_avg"], rm), f"exp_avg of tensor {i} differs"
+        assert torch.equal(p.detach(), rp), f"parameter {i} differs"
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["chunked", "foreach"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_float32_maths_rounded_once(dtype, foreach):
+    opt, lib, ref = _run(dtype, foreach)
+    assert lib[0].dtype == dtype and opt.state[lib[0]]["exp_avg"].dtype == dtype
+    _assert_bitwise(opt, lib, ref)
+
+
+def test_bf16_arithmetic_is_caught(monkeypatch):
+    """The update computed in bfloat16 (each op rounded) instead of float32 must fail the bitwise check."""
+
+    def apply_bf16(p, m, g, step_size, decay, keep, beta1, beta2):
+        u = m.mul(beta1).add_(g, alpha=1.0 - beta1).sign_()
+        p.mul_(decay).add_(u.mul_(step_size))
+        m.mul_(torch.where(keep, beta2, 1.0)).add_(g.mul(keep).nan_to_num_(0.0, 0.0, 0.0), alpha=1.0 - beta2)
+
+    monkeypatch.setattr(kernel, "apply_update", apply_bf16)
+    opt, lib, ref = _run(torch.bfloat16, foreach=False)
+    with pytest.raises(AssertionError, match="differs"):
+        _assert_bitwise(opt, lib, ref)
+
+
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_bf16_momentum_needs_stochastic_rounding(stochastic):
+    """The issue's example: bf16 ``exp_avg``, beta2 = 0.99, a constant gradient 1.0, 600 steps (fp32: 0.9976).
+
+    Rounded to nearest, the increment ``0.01 * (1 - m)`` drops below half a bf16 ulp and
+    ``m`` stalls near 0.8; rounded stochastically it reaches the float32 value on average.
+    """
+    kern = Kernel(False)
+    p = torch.zeros(1024, dtype=torch.bfloat16)
+    m = torch.zeros_like(p)
+    g = torch.ones_like(p)
+    step = torch.zeros((), dtype=torch.int64)
+    rounding = Rounding(0, step, [0], [IndexMap.slice(0, p.numel())]) if stochastic else None
+    for _ in range(600):
+        step += 1
+        kern.apply([p], [m], [g], torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([True]), (0.9,), (0.99,),
+                   rounding=rounding)
+    mean = m.float().mean().item()
+    assert (abs(mean - (1 - 0.99**600)) < 2e-3) if stochastic else (mean < 0.85)
+
+
+# -- stochastic rounding -----------------------------------------------------------------
+
+def _sr_step(kern: Kernel, p32: torch.Tensor, grad_sign: float, lr: float, seed: int = 5, step: int = 3):
+    """One kernel step of a bf16 tensor with ``pow``-free scale 1 and stochastic rounding; returns (stored p, fp32 p)."""
+    p = p32.to(torch.bfloat16)
+    m = torch.zeros_like(p)
+    g = torch.full_like(p, grad_sign)
+    n = p.numel()
+    rounding = Rounding(seed, torch.tensor(step), [0], [IndexMap.slice(0, n)])
+    exact = p.float().add(torch.sign(m.float().mul(0.9).add(g.float(), alpha=0.1)), alpha=-lr)
+    kern.apply([p], [m], [g], torch.tensor([-lr]), torch.tensor([1.0]), torch.tensor([True]), (0.9,), (0.99,),
+               rounding=rounding)
+    return p, exact
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["chunked", "foreach"])
+def test_stochastic_rounding_is_unbiased(foreach):
+    """A quarter-ulp step from 1.0: every value is a neighbour, a quarter of them round up, the mean is the fp32 value."""
+    lr = 2.0**-9  # bf16 ulp on [1, 2) is 2**-7
+    stored, exact = _sr_step(Kernel(False, foreach=foreach), torch.ones(64, 64), grad_sign=-1.0, lr=lr)
+    lo, hi = bf16_neighbours(exact)
+    s = stored.float()
+    assert bool(((s == lo) | (s == hi)).all()), "a stored value is not a bfloat16 neighbour of the float32 result"
+    n = s.numel()
+    stderr = (2.0**-7) * (0.25 * 0.75 / n) ** 0.5
+    assert abs(s.mean().item() - exact.mean().item()) < 5 * stderr
+
+
+def test_nearest_where_stochastic_is_asked_is_caught(monkeypatch):
+    monkeypatch.setattr(kernel, "stochastic_bf16", lambda x, r: x)
+    monkeypatch.setattr(kernel, "_draw_fn", lambda rounding, seg, stream, start, shape: (lambda v: v))
+    stored, exact = _sr_step(Kernel(False), torch.ones(64, 64), grad_sign=-1.0, lr=2.0**-9)
+    stderr = (2.0**-7) * (0.25 * 0.75 / stored.numel()) ** 0.5
+    assert abs(stored.float().mean().item() - exact.mean().item()) > 5 * stderr
+
+
+def _sliced_step(foreach: bool, pieces: list[tuple[torch.Tensor, IndexMap]], full_p: torch.Tensor,
+                 full_g: torch.Tensor, chunk: int, monkeypatch) -> torch.Tensor:
+    """Step the logical bf16 tensor as the given local pieces (index into the full tensor, map), reassemble it."""
+    monkeypatch.setattr(kernel, "CHUNK", chunk)
+    kern = Kernel(False, foreach=foreach)
+    ps = [full_p[ix].clone().contiguous() for ix, _ in pieces]
+    ms = [torch.zeros_like(p) for p in ps]
+    gs = [full_g[ix].clone().contiguous() for ix, _ in pieces]
+    s = len(ps)
+    step = torch.tensor(7)
+    rounding = Rounding(1234, step, [3] * s, [imap for _, imap in pieces])
+    kern.apply(ps, ms, gs, torch.full((s,), -1e-3), torch.full((s,), 1 - 1e-4), torch.ones(s, dtype=torch.bool),
+               (0.9,) * s, (0.99,) * s, rounding=rounding)
+    out = full_p.clone()
+    for (ix, _), p in zip(pieces, ps):
+        out[ix] = p
+    return out
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["chunked", "foreach"])
+def test_stochastic_bits_follow_the_logical_index(foreach, monkeypatch):
+    """The same logical tensor stepped whole, as ZeRO-style flat slices and as row and column shards: same bits."""
+    gen = torch.Generator().manual_seed(2)
+    rows, cols = 24, 40
+    full_p = (torch.randn(rows, cols, generator=gen) * 0.1).to(torch.bfloat16)
+    full_g = (torch.randn(rows, cols, generator=gen)).to(torch.bfloat16)
+    flat_p, flat_g = full_p.view(-1), full_g.view(-1)
+    whole = _sliced_step(foreach, [((slice(None), slice(None)), IndexMap.shard((rows, cols), (rows, cols), (0, 0)))],
+                         full_p, full_g, 1 << 18, monkeypatch)
+    bounds = [0, 1, 333, 334, 700, rows * cols]
+    flat = _sliced_step(foreach, [(slice(a, b), IndexMap.slice(a, b - a)) for a, b in zip(bounds, bounds[1:])],
+                        flat_p, flat_g, 128, monkeypatch).view(rows, cols)
+    by_rows = _sliced_step(foreach, [((slice(a, b), slice(None)), IndexMap.shard((rows, cols), (b - a, cols), (a, 0)))
+                                     for a, b in [(0, 7), (7, 8), (8, 24)]], full_p, full_g, 64, monkeypatch)
+    by_cols = _sliced_step(foreach, [((slice(None), slice(a, b)), IndexMap.shard((rows, cols), (rows, b - a), (0, a)))
+                                     for a, b in [(0, 13), (13, 40)]], full_p, full_g, 100, monkeypatch)
+    nearest = (full_p.float() * (1 - 1e-4) - 1e-3 * torch.sign(full_g.float() * 0.1)).to(torch.bfloat16)
+    assert not torch.equal(whole, nearest), "stochastic rounding should differ from nearest somewhere"
+    for name, other in [("flat slices", flat), ("row shards", by_rows), ("column shards", by_cols)]:
+        assert torch.equal(whole, other), f"{name} drew different bits"
+
+
+def test_bits_from_the_local_position_are_caught(monkeypatch):
+    """Bits drawn from the local (per-shard) position instead of the logical index must fail the slicing check."""
+    positions = IndexMap.positions
+    monkeypatch.setattr(IndexMap, "positions", lambda self, start, n, device: positions(
+        IndexMap(0, self.sizes, self.strides), start, n, device))
+    with pytest.raises(AssertionError, match="drew different bits"):
+        test_stochastic_bits_follow_the_logical_index(False, monkeypatch)
