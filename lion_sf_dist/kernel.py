@@ -31,10 +31,11 @@ import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch._dynamo.config
+import torch._dynamo.exc
+import torch.fx.experimental._config
 from torch import Tensor
 
-from lion_sf_dist.rounding import Rounding, stochastic_bf16
+from lion_sf_dist.rounding import IndexMap, Rounding, random16, stochastic_bf16
 
 # Eager temporaries are a few chunks of this many elements (1 MiB in fp32): they stay in cache.
 CHUNK = 1 << 18
@@ -314,10 +315,7 @@ class _ForeachKernel:
         self.forget_unused([*ps, *ms])
         pf = [self.flat(ps[i]) for i in dense]
         mf = [self.flat(ms[i]) for i in dense]
-        sizes = [t.numel() for t in pf]
-        gathered = torch.empty((1, sum(sizes)), dtype=F32, device=device)
-        torch._chunk_cat([gs[i] for i in dense], 0, 1, out=gathered)
-        gf = gathered.view(-1).split_with_sizes(sizes)
+        gathered, gf = _gather_f32([gs[i] for i in dense], device)
         steps = step_size.view(-1, 1).unbind(0)
         decays = decay.view(-1, 1).unbind(0)
         keeps = keep.to(F32).view(-1, 1).unbind(0)
@@ -368,6 +366,30 @@ class _ForeachKernel:
                                                                                      piece.device)))
 
 
+def _gather_f32(gs: Sequence[Tensor], device: torch.device) -> tuple[Tensor, list[Tensor]]:
+    """One float32 buffer holding every ``g`` (exactly), and a flat view of each ``g``'s part, in order.
+
+    One ``_chunk_cat`` per gradient dtype (it takes one input dtype): a constant number of ops.
+    """
+    sizes = [g.numel() for g in gs]
+    gathered = torch.empty((1, sum(sizes)), dtype=F32, device=device)
+    by_dtype = _groups([g.dtype for g in gs])
+    if len(by_dtype) == 1:
+        torch._chunk_cat(list(gs), 0, 1, out=gathered)
+        return gathered, list(gathered.view(-1).split_with_sizes(sizes))
+    order = [i for idx in by_dtype.values() for i in idx]
+    pieces = gathered.view(-1).split_with_sizes([sizes[i] for i in order])
+    start = 0
+    for idx in by_dtype.values():
+        n = sum(sizes[i] for i in idx)
+        torch._chunk_cat([gs[i] for i in idx], 0, 1, out=gathered[:, start : start + n])
+        start += n
+    flat: list[Tensor] = [gathered] * len(gs)
+    for piece, i in zip(pieces, order):
+        flat[i] = piece
+    return gathered, flat
+
+
 def _to_device(host: Tensor, device: torch.device) -> Tensor:
     """``host`` on ``device``, through pinned memory without blocking when that is a CUDA device."""
     if device.type == "cuda":
@@ -377,10 +399,14 @@ def _to_device(host: Tensor, device: torch.device) -> Tensor:
 
 # -- the compiled path ---------------------------------------------------------------------
 
-# Distinct compiled variants (tensor counts, dtypes, ranks, rounding layouts) per compiled
-# function and process. Dynamo keeps at most ``recompile_limit`` graphs per function (8 in
-# torch 2.13) and with ``fullgraph=True`` raises past it; staying well below it leaves room
-# for graphs dynamo splits on guards we do not predict.
+# Tensors per compiled call. Sizes are dynamic and tensors flat, so one graph serves every
+# batch of one dtype pattern: compile time is that of COMPILE_BATCH tensors, whatever the
+# model, and a model whose set of tensors changes (frozen layers, MoE) keeps its graphs.
+# Each call costs ~0.3 ms of guards and dispatch on CPU, hence batches rather than single tensors.
+COMPILE_BATCH = 8
+# Distinct compiled graphs per function and process (dtype patterns, with/without rounding).
+# Dynamo keeps at most ``recompile_limit`` (8 in torch 2.13) and with ``fullgraph=True``
+# raises past it; staying below leaves room for graphs dynamo splits on guards we do not predict.
 MAX_COMPILED_VARIANTS = 4
 _variants: dict[str, set] = {"count": set(), "apply": set()}
 
@@ -391,20 +417,26 @@ def _flat(t: Tensor) -> Tensor:
 
 
 def _compiled_count(ms: list[Tensor], gs: list[Tensor], coefs: Tensor) -> Tensor:
-    """``[S, 2]`` counts of every ``(m, g)``; ``coefs[i] = (b1, 1 - b1, b2, 1 - b2)`` in float32."""
+    """``[K, 2]`` counts of every ``(m, g)``; ``coefs[i] = (b1, 1 - b1, b2, 1 - b2)`` in float32."""
     return torch.stack([count_agreement(_flat(m), _flat(g), (coefs[i, 0], coefs[i, 1]))
                         for i, (m, g) in enumerate(zip(ms, gs))])
 
 
 def _compiled_apply(ps: list[Tensor], ms: list[Tensor], gs: list[Tensor], step_size: Tensor, decay: Tensor,
-                    keep: Tensor, coefs: Tensor, keys: Optional[Tensor], index: tuple) -> None:
-    """:func:`apply_update` of every tensor; with ``keys`` (``[S, 2]``) stochastic rounding by ``index``."""
+                    keep: Tensor, coefs: Tensor, keys: Optional[Tensor], where: Optional[Tensor]) -> None:
+    """:func:`apply_update` of every tensor; with ``keys`` (``[K, 2]``) stochastic rounding.
+
+    ``where[i] = (base, outer stride, inner stride, inner size)``: local flat position ``j``
+    is logical element ``base + (j // inner size) * outer stride + (j % inner size) * inner stride``
+    (an :class:`IndexMap` of at most two merged dims, as tensors so that no offset is compiled in).
+    """
     for i, (p, m, g) in enumerate(zip(ps, ms, gs)):
+        pf, mf, gf = _flat(p), _flat(m), _flat(g)
         draws = None
         if keys is not None:
-            positions = index[i].positions(0, p.numel(), p.device).view(p.shape)
+            j = torch.arange(p.numel(), device=p.device)
+            positions = (where[i, 0] + (j // where[i, 3]) * where[i, 1] + (j % where[i, 3]) * where[i, 2]).view(pf.shape)
             draws = tuple(_bits_draw(keys[i, s], positions) for s in (0, 1))
-        pf, mf, gf = (_flat(t) for t in (p, m, g)) if draws is None else (p, m, g)
         apply_update(pf, mf, gf, step_size[i], decay[i], keep[i], (coefs[i, 0], coefs[i, 1]),
                      (coefs[i, 2], coefs[i, 3]), draws=draws)
 
@@ -417,24 +449,83 @@ def _bits_draw(key: Tensor, positions: Tensor) -> Callable[[Tensor], Tensor]:
 
 
 def _compile(fn: Callable, device: torch.device) -> Callable:
-    """``torch.compile`` of a multi-tensor function: one call per step, one fused loop per tensor.
+    """``torch.compile`` of a batch function, with options that fit ``device``.
 
-    One call for all tensors because a compiled call costs about 0.3 ms of guards and
-    dispatch (a 144-tensor model spent more there than in the arithmetic). Sizes are
-    dynamic and tensors are flattened, so tensors of one dtype share one generated loop
-    (compile time no longer grows with the number of distinct shapes) and a model whose
-    tensors change size keeps its graph; betas are float32 tensors, so changing them never
-    recompiles. ``cpp.dynamic_threads`` (CPU only) keeps every CPU loop parallel.
+    ``cpp.dynamic_threads`` (CPU only: inductor's C++ backend) keeps every CPU loop
+    parallel; inductor otherwise left small ones on one thread.
     """
     options = {"cpp.dynamic_threads": True} if device.type == "cpu" else {}
     return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
 
 
+def _index_rows(index: Sequence[IndexMap]) -> Optional[list[tuple[int, int, int, int]]]:
+    """``where`` rows for :func:`_compiled_apply`, or ``None`` when a map has more than two merged dims."""
+    rows = []
+    for imap in index:
+        if len(imap.sizes) == 1:
+            rows.append((imap.base, 0, imap.strides[0], max(imap.sizes[0], 1)))
+        elif len(imap.sizes) == 2:
+            rows.append((imap.base, imap.strides[0], imap.strides[1], imap.sizes[1]))
+        else:
+            return None
+    return rows
+
+
+class _Batches:
+    """How one step's tensors are cut into compiled calls: tensors sharing dtypes, layout and size class
+    (0, 1, more elements: dynamo specialises sizes 0 and 1) in batches of :data:`COMPILE_BATCH`, the last
+    one padded with small dummy tensors (step 0, kept unchanged). Index tensors live on the device."""
+
+    def __init__(self, lists: Sequence[Sequence[Tensor]], device: torch.device) -> None:
+        n = len(lists[0])
+        kinds = [tuple(_batch_kind(t) for t in ts) for ts in zip(*lists)]
+        self.batches: list[tuple[tuple, list[int]]] = []
+        for kind, idx in _groups(kinds).items():
+            for start in range(0, len(idx), COMPILE_BATCH):
+                part = idx[start : start + COMPILE_BATCH]
+                self.batches.append((kind, part + [n] * (COMPILE_BATCH - len(part))))
+        flat = [i for _, part in self.batches for i in part]
+        inverse = [0] * n
+        for pos, i in enumerate(flat):
+            if i < n:
+                inverse[i] = pos
+        self.take = [_to_device(torch.tensor(part, dtype=torch.int64), device) for _, part in self.batches]
+        self.inverse = _to_device(torch.tensor(inverse, dtype=torch.int64), device)
+        # distinct dummies per slot: dynamo guards on aliasing, repeated tensors would be a graph of their own
+        self.dummies = {kind: [[torch.zeros((size,) if dense else (size,) * dim, dtype=dtype, device=device)
+                                for _ in range(COMPILE_BATCH)] for dtype, dense, size, dim in kind]
+                        for kind, _ in self.batches}
+
+    def lists(self, b: int, *tensor_lists: Sequence[Tensor]) -> list[list[Tensor]]:
+        """The ``b``-th batch of each list, padded with the batch's dummies.
+
+        Tensors go in flat and detached (same storage, no ``_base``): dynamo guards on a
+        view's base, which would make views of differently shaped parameters, and the
+        dummies, graphs of their own.
+        """
+        kind, part = self.batches[b]
+        dummies = self.dummies[kind]
+        return [[_flat(ts[i]).detach() if i < len(ts) else dummies[k][slot] for slot, i in enumerate(part)]
+                for k, ts in enumerate(tensor_lists)]
+
+
+def _batch_kind(t: Tensor) -> tuple:
+    """What a compiled graph is specialised on: dtype, size class (dynamo specialises sizes 0 and 1) and, for
+    tensors that cannot be passed flat (non-contiguous), their rank."""
+    dense = t.is_contiguous()
+    return (t.dtype, dense, min(t.numel(), 2), 1 if dense else t.dim())
+
+
+def _padded(values: Tensor, fill: float | bool) -> Tensor:
+    """``values`` with one more row (``fill``) for the dummies to index."""
+    return torch.cat((values, torch.full((1, *values.shape[1:]), fill, dtype=values.dtype, device=values.device)))
+
+
 class Kernel:
     """Runs :func:`count_agreement` and :func:`apply_update` over lists of tensors.
 
-    ``compiled``: all tensors in one ``torch.compile``-d call (no temporaries at all);
-    past :data:`MAX_COMPILED_VARIANTS` variants per process it runs new variants on the
+    ``compiled``: batches of tensors through ``torch.compile``-d calls (no temporaries at
+    all); a new dtype pattern past :data:`MAX_COMPILED_VARIANTS` per process runs on the
     eager path instead, with one warning. ``foreach``: the eager multi-tensor path
     (:class:`_ForeachKernel`), else the eager chunked path (cache-sized chunks, tensor by
     tensor). The compiled path's eager fallback is the multi-tensor path when ``foreach``.
@@ -446,9 +537,9 @@ class Kernel:
         self._foreach = _ForeachKernel() if foreach else None
         self._compiled: dict[tuple[str, str], Callable] = {}
         self._coefs: Optional[tuple[tuple, Tensor]] = None
+        self._batches: Optional[tuple[tuple, _Batches]] = None
+        self._where: Optional[tuple[tuple, Optional[Tensor]]] = None
         self._warned = False
-
-    # -- eager and compiled dispatch --------------------------------------------------
 
     def count(self, ms: Sequence[Tensor], gs: Sequence[Tensor], beta1s: Sequence[float]) -> Tensor:
         """``[S, 2]`` int64: :func:`count_agreement` of each ``(m, g)``; ``A`` is 0 where ``P > 0``.
@@ -457,12 +548,7 @@ class Kernel:
         there, so its ``A`` is set to 0 on all of them and ``last_agreement`` does not
         depend on the path.)
         """
-        rows = None
-        if self.compiled:
-            fn = self._compiled_fn("count", _compiled_count, (ms, gs), None)
-            if fn is not None:
-                done, rows = fn(list(ms), list(gs), self._coef_tensor(beta1s, beta1s, ms[0].device))
-                rows = rows if done else None
+        rows = self._count_compiled(ms, gs, beta1s) if self.compiled else None
         if rows is None:
             rows = self._foreach.count(ms, gs, beta1s) if self._foreach is not None else _chunked_count(ms, gs, beta1s)
         return torch.stack((rows[:, 0] * (rows[:, 1] == 0), rows[:, 1]), dim=1)
@@ -474,19 +560,68 @@ class Kernel:
 
         ``rounding``: stochastic rounding of bfloat16 ``p`` and ``exp_avg`` (else to nearest).
         """
-        if self.compiled:
-            fn = self._compiled_fn("apply", _compiled_apply, (ps, ms, gs), rounding)
-            if fn is not None:
-                keys = rounding.keys() if rounding is not None else None
-                index = rounding.index if rounding is not None else ()
-                done, _ = fn(list(ps), list(ms), list(gs), step_size, decay, keep,
-                             self._coef_tensor(beta1s, beta2s, ps[0].device), keys, index)
-                if done:
-                    return
+        if self.compiled and self._apply_compiled(ps, ms, gs, step_size, decay, keep, beta1s, beta2s, rounding):
+            return
         if self._foreach is not None:
             self._foreach.apply(ps, ms, gs, step_size, decay, keep, beta1s, beta2s, rounding)
             return
         _chunked_apply(ps, ms, gs, step_size, decay, keep, beta1s, beta2s, rounding)
+
+    # -- compiled ---------------------------------------------------------------------
+
+    def _count_compiled(self, ms: Sequence[Tensor], gs: Sequence[Tensor], beta1s: Sequence[float]) -> Optional[Tensor]:
+        device = ms[0].device
+        plan = self._plan((ms, gs), device)
+        coefs = _padded(self._coef_tensor(beta1s, beta1s, device), 0.0)
+        parts = []
+        for b, take in enumerate(plan.take):
+            fn = self._compiled_fn("count", _compiled_count, plan.batches[b][0], False, device)
+            if fn is None:
+                return None
+            done, rows = fn(*plan.lists(b, ms, gs), coefs[take])
+            if not done:
+                return None
+            parts.append(rows)
+        return torch.cat(parts)[plan.inverse]
+
+    def _apply_compiled(self, ps: Sequence[Tensor], ms: Sequence[Tensor], gs: Sequence[Tensor], step_size: Tensor,
+                        decay: Tensor, keep: Tensor, beta1s: Sequence[float], beta2s: Sequence[float],
+                        rounding: Optional[Rounding]) -> bool:
+        """Run the compiled apply; ``False`` (nothing done) when a batch cannot be compiled."""
+        device = ps[0].device
+        plan = self._plan((ps, ms, gs), device)
+        where = self._where_tensor(rounding, device) if rounding is not None else None
+        if rounding is not None and where is None:
+            return False  # a shard layout of more than two merged dims: the eager paths handle any
+        fns = [self._compiled_fn("apply", _compiled_apply, kind, rounding is not None, device)
+               for kind, _ in plan.batches]
+        if any(fn is None for fn in fns):
+            return False
+        coefs = _padded(self._coef_tensor(beta1s, beta2s, device), 0.0)
+        step_size, decay, keep = _padded(step_size, 0.0), _padded(decay, 1.0), _padded(keep, False)
+        keys = _padded(rounding.keys(), 0) if rounding is not None else None
+        for b, (fn, take) in enumerate(zip(fns, plan.take)):
+            done, _ = fn(*plan.lists(b, ps, ms, gs), step_size[take], decay[take], keep[take], coefs[take],
+                         None if keys is None else keys[take], None if where is None else where[take])
+            if not done:  # only the first batch can fail (a new graph): nothing was written yet
+                if b:
+                    raise RuntimeError("LionSF's compiled kernel failed after part of the step was applied")
+                return False
+        return True
+
+    def _plan(self, lists: tuple[Sequence[Tensor], ...], device: torch.device) -> _Batches:
+        key = (device, tuple(_batch_kind(t) for ts in lists for t in ts))
+        if self._batches is None or self._batches[0] != key:
+            self._batches = (key, _Batches(lists, device))
+        return self._batches[1]
+
+    def _where_tensor(self, rounding: Rounding, device: torch.device) -> Optional[Tensor]:
+        key = (rounding.index, device)
+        if self._where is None or self._where[0] != key:
+            rows = _index_rows(rounding.index)
+            where = None if rows is None else _padded(_to_device(torch.tensor(rows, dtype=torch.int64), device), 1)
+            self._where = (key, where)
+        return self._where[1]
 
     def _coef_tensor(self, beta1s: Sequence[float], beta2s: Sequence[float], device: torch.device) -> Tensor:
         """``[S, 4]`` float32 ``(b1, 1 - b1, b2, 1 - b2)`` on ``device``, rebuilt only when the betas change."""
@@ -497,40 +632,39 @@ class Kernel:
             self._coefs = (key, _to_device(host, device))
         return self._coefs[1]
 
-    def _compiled_fn(self, kind: str, fn: Callable, lists: tuple[Sequence[Tensor], ...],
-                     rounding: Optional[Rounding]) -> Optional[Callable]:
-        """The compiled ``fn`` for this variant of tensors, or ``None`` (eager) once the variant budget is spent."""
-        first = lists[0][0]
-        variant = (kind, first.device.type, len(lists[0]),
-                   tuple((t.dtype, t.dim(), t.is_contiguous(), min(t.numel(), 2)) for ts in lists for t in ts),
-                   None if rounding is None else rounding.index)
+    def _compiled_fn(self, kind: str, fn: Callable, layout: tuple, rounding: bool,
+                     device: torch.device) -> Optional[Callable]:
+        """The compiled ``fn``, or ``None`` (eager) for a new variant once the variant budget is spent."""
+        variant = (device.type, layout, rounding)
         seen = _variants[kind]
         if variant not in seen:
             if len(seen) >= MAX_COMPILED_VARIANTS:
                 self._warn_fallback()
                 return None
             seen.add(variant)
-        key = (kind, first.device.type)
+        key = (kind, device.type)
         if key not in self._compiled:
-            self._compiled[key] = _guarded(_compile(fn, first.device), self)
+            self._compiled[key] = _guarded(_compile(fn, device), self)
         return self._compiled[key]
 
     def _warn_fallback(self) -> None:
         if not self._warned:
             self._warned = True
             warnings.warn(
-                f"LionSF(use_triton=True): more than {MAX_COMPILED_VARIANTS} different sets of tensors were stepped "
-                "(parameters gaining or losing gradients, changing dtypes); new ones now run on the eager path, "
-                "with the same maths, instead of compiling again", RuntimeWarning, stacklevel=4)
+                f"LionSF(use_triton=True): more than {MAX_COMPILED_VARIANTS} kinds of tensor batches (dtypes, layouts, "
+                "rounding) were compiled in this process; new kinds now run on the eager path, with the same maths, "
+                "instead of compiling again", RuntimeWarning, stacklevel=4)
 
 
 def _guarded(compiled: Callable, kernel: Kernel) -> Callable[..., tuple[bool, object]]:
     """``(True, compiled(*args))``, or ``(False, None)`` when dynamo's recompile limit was hit through graphs we
-    did not predict (the caller then runs the eager path; the arguments are untouched: nothing ran)."""
+    did not predict (the caller then runs the eager path; nothing ran). Sizes get their own symbols
+    (no duck shaping), so batches whose tensors happen to share a size do not compile a graph of their own."""
 
     def run(*args: object) -> tuple[bool, object]:
         try:
-            return True, compiled(*args)
+            with torch.fx.experimental._config.patch(use_duck_shape=False):
+                return True, compiled(*args)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             kernel._warn_fallback()
             return False, None

@@ -1,0 +1,145 @@
+"""The kernel's paths agree with each other, and the multi-tensor one dispatches a constant number of ops.
+
+* multi-tensor (``_foreach``) against chunked: counts and ``exp_avg`` bitwise, parameters
+  bitwise (the same float32 ops in the same order, only batched), with exact zeros in
+  ``g`` and in ``c``, non-finite gradients (skip), several beta groups, mixed dtypes and a
+  non-contiguous tensor;
+* ops counted on ``meta`` tensors: the multi-tensor path's count does not change with the
+  number or size of tensors (GPT-2 small and Llama-7B shapes), and after the first step it
+  takes no host tensor of one or more dims.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lion_sf_dist.kernel as kernel
+from lion_sf_dist.kernel import Kernel
+from lion_sf_dist.opcount import count_ops, gpt2_small_shapes, llama7b_shapes
+
+SHAPES = [(5, 3), (7,), (1,), (33, 17), (300, 301), (4, 6)]
+BETAS1 = (0.9, 0.5, 0.9, 0.9, 0.5, 0.9)
+BETAS2 = (0.99, 0.95, 0.99, 0.99, 0.95, 0.99)
+
+
+def _case(dtypes: list[torch.dtype], seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(s, generator=gen).to(d) for s, d in zip(SHAPES, dtypes)]
+    ms = [(torch.randn(s, generator=gen) * 0.1).to(d) for s, d in zip(SHAPES, dtypes)]
+    gs = [torch.randn(s, generator=gen).to(d) for s, d in zip(SHAPES, dtypes)]
+    gs[1][2] = 0.0  # g == 0
+    gs[4][0, :10] = 0.0
+    gs[3][0, 0] = float("nan")  # skips its unit
+    gs[5][1, 1] = float("inf")
+    ms[4][1, :5] = 1.0  # with beta1 = 0.5, g = -m makes c exactly 0 while g != 0
+    gs[4][1, :5] = -1.0
+    return ps, ms, gs
+
+
+def _step(kern: Kernel, ps, ms, gs, transpose_last: bool = False):
+    ps, ms = [p.clone() for p in ps], [m.clone() for m in ms]
+    gs = list(gs)
+    if transpose_last:  # a non-contiguous segment (a transposed view of contiguous storage)
+        ps[-1], ms[-1], gs[-1] = (t.t().contiguous().t() for t in (ps[-1], ms[-1], gs[-1]))
+    rows = kern.count(ms, gs, BETAS1)
+    keep = torch.tensor([True, True, True, False, True, False])
+    step = torch.where(keep, torch.tensor([-0.01, -0.02, -0.03, -0.1, -0.001, -0.1]), 0.0)
+    decay = torch.where(keep, torch.tensor([0.999, 0.99, 1.0, 0.9, 0.9, 0.9]), 1.0)
+    kern.apply(ps, ms, gs, step, decay, keep, BETAS1, BETAS2)
+    return rows, ps, ms
+
+
+@pytest.mark.parametrize("dtypes", [
+    [torch.float32] * 6,
+    [torch.bfloat16] * 6,
+    [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16, torch.float32],
+], ids=["fp32", "bf16", "mixed"])
+@pytest.mark.parametrize("transpose_last", [False, True], ids=["contiguous", "strided"])
+def test_foreach_matches_chunked_bitwise(dtypes, transpose_last):
+    ps, ms, gs = _case(dtypes)
+    rows_c, ps_c, ms_c = _step(Kernel(False), ps, ms, gs, transpose_last)
+    rows_f, ps_f, ms_f = _step(Kernel(False, foreach=True), ps, ms, gs, transpose_last)
+    assert torch.equal(rows_c, rows_f)
+    assert rows_c[:, 1].tolist() == [0, 0, 0, 1, 0, 1] and rows_c[3, 0] == 0
+    for i, (a, b, c, d) in enumerate(zip(ps_c, ps_f, ms_c, ms_f)):
+        assert torch.equal(a, b), f"parameter {i} differs"
+        assert torch.equal(c, d), f"exp_avg {i} differs"
+    for i in (3, 5):  # skipped units keep their values, NaN and Inf notwithstanding
+        assert torch.equal(ps_f[i], ps[i]) and torch.equal(ms_f[i], ms[i])
+
+
+def test_foreach_without_nan_cleaning_is_caught(monkeypatch):
+    """Dropping the gradient cleaning of skipped units lets NaN into ``exp_avg``: the comparison must see it."""
+    monkeypatch.setattr(torch.Tensor, "nan_to_num_", lambda self, *a, **k: self)
+    ps, ms, gs = _case([torch.float32] * 6)
+    _, _, ms_f = _step(Kernel(False, foreach=True), ps, ms, gs)
+    assert not torch.equal(ms_f[3], ms[3])
+
+
+def _meta_case(shapes, dtype=torch.float32):
+    meta = torch.device("meta")
+    ps = [torch.empty(s, device=meta, dtype=dtype) for s in shapes]
+    return ps, [torch.empty_like(p) for p in ps], [torch.empty_like(p) for p in ps]
+
+
+def _kernel_ops(kern: Kernel, shapes, dtype=torch.float32, steps: int = 2):
+    """Ops of ``count`` + ``apply`` on meta tensors in the ``steps``-th call (earlier ones build caches)."""
+    ps, ms, gs = _meta_case(shapes, dtype)
+    n = len(ps)
+    meta = torch.device("meta")
+    args = (torch.empty(n, device=meta), torch.empty(n, device=meta), torch.empty(n, dtype=torch.bool, device=meta),
+            (0.9,) * n, (0.99,) * n)
+
+    def one() -> None:
+        kern.count(ms, gs, (0.9,) * n)
+        kern.apply(ps, ms, gs, *args)
+
+    for _ in range(steps - 1):
+        one()
+    return count_ops(one, meta)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_foreach_ops_do_not_grow(dtype):
+    """Stacks of GPT-2 small and Llama-7B shapes, more tensors or bigger ones: the same, small op count.
+
+    (Small stacks keep the test quick: ``_foreach`` ops on meta tensors run Python
+    reference code per tensor. ``launch/bench_step.py --count-ops`` counts the whole
+    models: 148 and 291 tensors.)
+    """
+    small = _kernel_ops(Kernel(False, foreach=True), gpt2_small_shapes()[:14], dtype)
+    more = _kernel_ops(Kernel(False, foreach=True), gpt2_small_shapes()[:38], dtype)
+    bigger = _kernel_ops(Kernel(False, foreach=True), llama7b_shapes()[:14], dtype)
+    assert small.total == more.total == bigger.total <= 60, (small.total, more.total, bigger.total)
+    assert not bigger.host_inputs, bigger.host_inputs
+
+
+def test_chunked_ops_grow_with_size():
+    """The check above can fail: the chunked path's count grows with the elements (about 25 ops per 1 MiB chunk)."""
+    small = _kernel_ops(Kernel(False), gpt2_small_shapes()[2:14])
+    bigger = _kernel_ops(Kernel(False), gpt2_small_shapes()[2:26])
+    assert bigger.total > 1.8 * small.total > 300
+
+
+def test_foreach_rebuilds_constants_only_when_betas_change():
+    """Per-segment beta2 lives on the device; a host tensor appears in the step where betas change, not after."""
+    kern = Kernel(False, foreach=True)
+    shapes = gpt2_small_shapes()[:12]
+    ps, ms, gs = _meta_case(shapes)
+    n = len(ps)
+    meta = torch.device("meta")
+    tensors = (torch.empty(n, device=meta), torch.empty(n, device=meta), torch.empty(n, dtype=torch.bool, device=meta))
+    kern.apply(ps, ms, gs, *tensors, (0.9,) * n, (0.99,) * n)
+    same = count_ops(lambda: kern.apply(ps, ms, gs, *tensors, (0.9,) * n, (0.99,) * n), meta)
+    changed = count_ops(lambda: kern.apply(ps, ms, gs, *tensors, (0.9,) * n, (0.98,) * n), meta)
+    assert not same.host_inputs and changed.host_inputs
+
+
+def test_compiled_path_options_fit_the_device(monkeypatch):
+    """``cpp.dynamic_threads`` is a CPU-only inductor option: it must not reach other devices."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw.get("options")) or fn)
+    kernel._compile(kernel._compiled_count, torch.device("cpu"))
+    kernel._compile(kernel._compiled_count, torch.device("meta"))
+    assert seen == [{"cpp.dynamic_threads": True}, {}]
