@@ -4,9 +4,13 @@ Parameters are shaped like GPT-2 small's transformer blocks (12 x 7.1M = 85M fp3
 default). Every optimizer gets its own copy of the same parameters and gradients; the
 rounds interleave the optimizers so that machine noise hits them alike. Prints the median
 step time of each, its ratio to ``AdamW(fused=True)`` and to the seed's per-tensor loop,
-and the peak memory a step allocates beyond what it holds.
+the peak memory a step allocates beyond what it holds, and the optimizer state per parameter.
 
-    python launch/bench_step.py [--blocks 12] [--rounds 7] [--threads 2]
+``--count-ops`` instead counts the ops one steady-state step dispatches (each at least one
+kernel launch on a GPU), on ``meta`` tensors shaped like GPT-2 small and Llama-7B, for
+LionSF's chunked and multi-tensor paths and for AdamW.
+
+    python launch/bench_step.py [--blocks 12] [--rounds 7] [--threads 2] [--count-ops]
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import torch
 from lion_pytorch.foreach import Lion as ForeachLion
 
 from lion_sf_dist import LionSF
+from lion_sf_dist.kernel import Kernel
+from lion_sf_dist.opcount import count_ops, gpt2_small_shapes, llama7b_shapes
 
 
 def gpt2_block_shapes(blocks: int, d: int = 768) -> list[tuple[int, ...]]:
@@ -64,14 +70,73 @@ def reset_peak() -> None:
         f.write("5")
 
 
+def multi_tensor(opt: LionSF) -> LionSF:
+    """``opt`` stepping through the multi-tensor kernel (until the optimizer takes ``foreach=``)."""
+    opt._kernel = Kernel(opt._kernel.compiled, foreach=True)
+    return opt
+
+
+def state_bytes_per_param(opt: torch.optim.Optimizer, n: int) -> float:
+    """Bytes of tensor state the optimizer keeps per parameter element."""
+    total = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return total / n
+
+
+def steady_state_ops(make: Callable, shapes: list[tuple[int, ...]], device: torch.device) -> int:
+    """Ops of the third step of ``make(params)`` (the first two build state and caches)."""
+    ps = [torch.empty(s, device=device, requires_grad=True) for s in shapes]
+    for p in ps:
+        p.grad = torch.empty(p.shape, device=device)
+    opt = make(ps)
+    opt.step()
+    opt.step()
+    return count_ops(opt.step, device).total
+
+
+def count_table() -> None:
+    """Print the ops one steady-state step dispatches, per optimizer and model shape."""
+    meta = torch.device("meta")
+    models = {"GPT-2 small": gpt2_small_shapes(), "Llama-7B": llama7b_shapes()}
+    makers: dict[str, Callable] = {
+        "LionSF chunked (CPU default)": lambda ps: LionSF(ps, lr=1e-4, weight_decay=0.1),
+        "LionSF multi-tensor": lambda ps: multi_tensor(LionSF(ps, lr=1e-4, weight_decay=0.1)),
+        "AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
+        "AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
+    }
+    heads = [f"{name} ({len(s)} tensors, {sum(torch.Size(x).numel() for x in s) / 1e6:.0f}M)" for name, s in models.items()]
+    print("| ops per steady-state step | " + " | ".join(heads) + " |")
+    print("|---|" + "---:|" * len(models))
+    notes = []
+    for label, make in makers.items():
+        cells = []
+        for shapes in models.values():
+            try:
+                cells.append(f"{steady_state_ops(make, shapes, meta):,}")
+            except RuntimeError as err:  # fused AdamW has no meta kernel: count on one-element CPU tensors
+                if "fused" not in str(err):
+                    raise
+                cells.append(f"{steady_state_ops(make, [(1,)] * len(shapes), torch.device('cpu')):,} *")
+                note = "* counted on CPU with one-element tensors (fused AdamW does not run on meta); its count does not depend on sizes"
+                if note not in notes:
+                    notes.append(note)
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    for note in notes:
+        print(f"\n{note}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--blocks", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-compiled", action="store_true", help="leave out the torch.compile path")
+    ap.add_argument("--count-ops", action="store_true", help="count dispatched ops per step on meta tensors instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.count_ops:
+        count_table()
+        return
     shapes = gpt2_block_shapes(args.blocks)
     gen = torch.Generator().manual_seed(0)
     params0 = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
@@ -81,6 +146,7 @@ def main() -> None:
 
     makers: dict[str, Callable] = {
         "LionSF eager": lambda ps: LionSF(ps, lr=1e-4, weight_decay=0.1),
+        "LionSF multi-tensor (foreach)": lambda ps: multi_tensor(LionSF(ps, lr=1e-4, weight_decay=0.1)),
         "LionSF compiled (use_triton=True)": lambda ps: LionSF(ps, lr=1e-4, weight_decay=0.1, use_triton=True),
         "seed LionSF loop": lambda ps: SeedLoop(ps, lr=1e-4, weight_decay=0.1),
         "Lion _foreach (lion-pytorch)": lambda ps: ForeachLion(ps, lr=1e-4, weight_decay=0.1),
@@ -96,7 +162,7 @@ def main() -> None:
             p.grad = g.clone()
         opt = make(ps)
         t0 = time.perf_counter()
-        opt.step()  # state creation, compilation
+        opt.step()  # state creation, compilation (cold unless TORCHINDUCTOR_CACHE_DIR holds an earlier run's)
         warm = time.perf_counter() - t0
         before = rss_kib()
         reset_peak()
@@ -110,11 +176,13 @@ def main() -> None:
             opt.step()
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    fused, seed = med["AdamW fused"], med["seed LionSF loop"]
-    print(f"\n| optimizer | median step (ms) | x AdamW fused | seed loop / this | peak extra memory in step (MiB) |")
-    print("|---|---:|---:|---:|---:|")
+    fused, seed, peer = med["AdamW fused"], med["seed LionSF loop"], med["AdamW foreach"]
+    print("\n| optimizer | median step (ms) | x AdamW fused | x AdamW foreach | seed loop / this "
+          "| peak extra memory in step (MiB) | state bytes / parameter |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name in makers:
-        print(f"| {name} | {med[name]:.1f} | {med[name] / fused:.2f} | {seed / med[name]:.1f} | {extra[name]:.0f} |")
+        print(f"| {name} | {med[name]:.1f} | {med[name] / fused:.2f} | {med[name] / peer:.2f} | {seed / med[name]:.1f} "
+              f"| {extra[name]:.0f} | {state_bytes_per_param(opts[name], n):.0f} |")
 
 
 if __name__ == "__main__":

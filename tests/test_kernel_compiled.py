@@ -1,0 +1,86 @@
+"""The compiled path (``use_triton=True``) under changing betas and tensor sets: bounded compiling, never a crash.
+
+Betas are tensors and sizes dynamic, so changing either compiles nothing new; a new
+dtype pattern is a new graph, and past the variant budget the kernel runs the eager
+path with one warning. Results are compared with the eager chunked path: counts
+exactly; ``exp_avg`` and parameters within what inductor's possibly unfused
+``m * b + g * (1 - b)`` allows (one rounding of ``g * (1 - b)``, 2**-24 * |g| per step;
+the parameters' steps are exactly ``+-lr`` for the fixed scales used here, and ``u``
+flips only if ``c`` is within that of 0, which these seeded data avoid).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import lion_sf_dist.kernel as kernel
+from lion_sf_dist.kernel import Kernel
+
+SHAPES = [(5, 3), (7,), (1,), (33, 17), (12,), (2, 3, 4), (9, 9), (40,), (3,), (6, 2), (11,)]
+
+
+def _pair_step(compiled: Kernel, eager: Kernel, state: dict, idx: list[int], b1: float, b2: float,
+               gen: torch.Generator, dtype: torch.dtype = torch.float32) -> None:
+    ps_c, ms_c = [state["pc"][i].to(dtype) for i in idx], [state["mc"][i].to(dtype) for i in idx]
+    ps_e, ms_e = [state["pe"][i].to(dtype) for i in idx], [state["me"][i].to(dtype) for i in idx]
+    gs = [torch.randn(SHAPES[i], generator=gen).to(dtype) for i in idx]
+    n = len(idx)
+    rows_c = compiled.count(ms_c, gs, (b1,) * n)
+    rows_e = eager.count(ms_e, gs, (b1,) * n)
+    assert torch.equal(rows_c, rows_e)
+    step, decay, keep = torch.full((n,), -1e-2), torch.full((n,), 1 - 1e-3), torch.ones(n, dtype=torch.bool)
+    compiled.apply(ps_c, ms_c, gs, step, decay, keep, (b1,) * n, (b2,) * n)
+    eager.apply(ps_e, ms_e, gs, step, decay, keep, (b1,) * n, (b2,) * n)
+    for j, i in enumerate(idx):
+        state["pc"][i], state["mc"][i] = ps_c[j].float(), ms_c[j].float()
+        state["pe"][i], state["me"][i] = ps_e[j].float(), ms_e[j].float()
+        g_max = gs[j].abs().max().item()
+        torch.testing.assert_close(ms_c[j], ms_e[j], rtol=0, atol=4 * g_max * 2.0**-24 + 1e-30 if dtype == torch.float32
+                                   else 2.0**-7)
+        torch.testing.assert_close(ps_c[j], ps_e[j], rtol=2.0**-22, atol=1e-8 if dtype == torch.float32 else 2.0**-7)
+
+
+def test_changing_betas_and_tensor_sets_compile_within_a_bound(monkeypatch):
+    monkeypatch.setattr(kernel, "_variants", {"count": set(), "apply": set()})
+    monkeypatch.setattr(kernel, "MAX_COMPILED_VARIANTS", 2)
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen) for s in SHAPES]
+    state = {k: [t.clone() * (0.1 if k[0] == "m" else 1.0) for t in init] for k in ("pc", "mc", "pe", "me")}
+    compiled, eager = Kernel(True), Kernel(False)
+    rng = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for k in range(12):
+            size = 3 + int(torch.randint(0, len(SHAPES) - 3, (1,), generator=rng))
+            idx = sorted(torch.randperm(len(SHAPES), generator=rng)[:size].tolist())
+            b1 = 0.5 + 0.45 * torch.rand((), generator=rng).item()
+            b2 = 0.9 + 0.099 * torch.rand((), generator=rng).item()
+            _pair_step(compiled, eager, state, idx, b1, b2, gen)
+        # float32 used both variants a kind may take (sizes >= 2, size 1): bfloat16 is past the budget
+        for _ in range(2):
+            _pair_step(compiled, eager, state, [0, 1, 3], 0.9, 0.99, gen, dtype=torch.bfloat16)
+    fallbacks = [w for w in caught if issubclass(w.category, RuntimeWarning) and "eager path" in str(w.message)]
+    assert len(fallbacks) == 1, [str(w.message) for w in caught]
+    assert len(kernel._variants["apply"]) == 2
+
+
+def test_dynamo_recompile_limit_falls_back_to_eager(monkeypatch):
+    """Should dynamo refuse to compile (its limit hit through graphs we did not predict), the step runs eagerly."""
+    monkeypatch.setattr(kernel, "_variants", {"count": set(), "apply": set()})
+
+    def refuse(fn, **kwargs):
+        def run(*args):
+            raise torch._dynamo.exc.FailOnRecompileLimitHit("recompile limit hit")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    ps, ms, gs = [torch.ones(4)], [torch.zeros(4)], [torch.full((4,), -1.0)]
+    kern = Kernel(True)
+    with pytest.warns(RuntimeWarning, match="eager path"):
+        rows = kern.count(ms, gs, (0.9,))
+        kern.apply(ps, ms, gs, torch.tensor([-0.5]), torch.tensor([1.0]), torch.tensor([True]), (0.9,), (0.99,))
+    assert rows.tolist() == [[4, 0]] and torch.equal(ps[0], torch.full((4,), 1.5))
