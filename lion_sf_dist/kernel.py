@@ -4,7 +4,7 @@ Three pure stages, all on local tensors (no process groups, no DTensor, no DeepS
 
 * :func:`count_agreement` -- per tensor (or chunk), ``A``: elements whose Lion update
   agrees in sign with the gradient, and whether any gradient element is NaN or Inf.
-* :func:`unit_scales` -- from the (globally reduced) per-unit counts ``[A, N, P]``,
+* :func:`scales_from_counts` -- from the (globally reduced) per-unit counts ``[A, N, P]``,
   the float32 agreement, the scale ``s_U`` and whether the unit steps at all.
 * :func:`apply_update` -- per tensor, weight decay, the scaled signed step and the
   momentum update, in place, leaving a skipped unit bit-for-bit unchanged.
@@ -17,8 +17,9 @@ Triton on GPU, vectorised C++ on CPU): :class:`Kernel` picks one.
 from __future__ import annotations
 
 import torch
-import torch._dynamo.config
 from torch import Tensor
+
+from lion_sf_dist._torch_private import floats_as_constants
 
 # Eager temporaries are a few chunks of this many elements (1 MiB in fp32): they stay in cache.
 CHUNK = 1 << 18
@@ -69,18 +70,20 @@ def _zeroed_unless(keep: Tensor, g: Tensor) -> Tensor:
     return g.mul(keep).nan_to_num_(0.0, 0.0, 0.0)
 
 
-def unit_scales(
+def scales_from_counts(
     totals: Tensor,
     pow: float,
     negative: str,
     ema: Tensor | None = None,
     ema_betas: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-unit ``(agreement, scale, keep)`` from reduced counts ``totals[U, 3] = [A, N, P]`` (``P``: pieces with a non-finite gradient).
+    """Per-unit ``(agreement, scale, keep)`` from reduced counts ``totals[U, 3] = [A, N, P]``.
+
+    ``P`` counts pieces with a non-finite gradient.
 
     ``agreement = 2 * A / N - 1`` in float32; ``scale = |agreement| ** pow`` (``negative="abs"``)
     or ``max(agreement, 0) ** pow`` (``"clamp"``). A unit steps (``keep``) when it has elements
-    and no non-finite gradient; otherwise its scale is 0. With ``ema`` (SPEC section 8) the
+    and no non-finite gradient; otherwise its scale is 0. With ``ema`` (the agreement average) the
     scale uses ``b1 * ema + (1 - b1) * agreement`` and ``ema`` is advanced in place for the
     units that step.
     """
@@ -90,6 +93,7 @@ def unit_scales(
     agreement = frac * 2.0 - 1.0
     signal = agreement
     if ema is not None:
+        assert ema_betas is not None, "an agreement average comes with its betas"
         b1, b2 = ema_betas
         signal = ema * b1 + agreement * (1.0 - b1)
         ema.copy_(torch.where(keep, ema * b2 + agreement * (1.0 - b2), ema))
@@ -103,7 +107,8 @@ def _flat_chunks(size: int, *tensors: Tensor) -> list[tuple[Tensor, ...]]:
     if not all(t.is_contiguous() for t in tensors):
         if tensors[0].numel() > EXACT_FLOAT_COUNT:
             raise ValueError(f"LionSF's eager kernel needs contiguous tensors above {EXACT_FLOAT_COUNT} elements "
-                             f"(got one of shape {tuple(tensors[0].shape)}); use use_triton=True or a contiguous layout")
+                             f"(got one of shape {tuple(tensors[0].shape)}); "
+                             "use use_triton=True or a contiguous layout")
         return [tensors]
     flats = [t.view(-1) for t in tensors]
     return [tuple(f[i : i + size] for f in flats) for i in range(0, flats[0].numel(), size)]
@@ -132,7 +137,7 @@ def _compile(fn):
     compiled = torch.compile(fn, dynamic=False, fullgraph=True, options={"cpp.dynamic_threads": True})
 
     def run(*args):
-        with torch._dynamo.config.patch(specialize_float=True):
+        with floats_as_constants():
             return compiled(*args)
 
     return run

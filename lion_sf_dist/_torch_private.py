@@ -1,0 +1,114 @@
+"""Every private torch name lion_sf_dist uses, in one fenced place, each with the reason.
+
+Checked on torch 2.13.0 (``CHECKED_ON``); ``tests/test_private_names.py`` asserts that each
+still exists, so a torch release that renames one fails there, not in a user's run.
+Nothing else in the package names a private torch attribute or module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+CHECKED_ON = ("2.13.0",)
+
+
+def is_fsdp1_flat_param(p: Tensor) -> bool:
+    """Whether ``p`` is a view FSDP1 (``FullyShardedDataParallel``) flattened.
+
+    FSDP1 marks such views with ``_fsdp_flattened`` and offers no public predicate; LionSF
+    must refuse them (a shard of an unmarked 1-D concatenation cannot be counted per unit).
+    """
+    return bool(getattr(p, "_fsdp_flattened", False))
+
+
+def compiled_inner_module(model: nn.Module) -> Optional[nn.Module]:
+    """The user's module inside ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``), else ``None``.
+
+    No public accessor exists; checkpoints name parameters as the user's module does.
+    """
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else None
+
+
+def persistent_buffers(module: nn.Module) -> dict[str, Tensor]:
+    """The buffers ``module.state_dict()`` would hold, by qualified name (shared ones once).
+
+    Reads ``_buffers`` and ``_non_persistent_buffers_set``: ``named_buffers()`` does not say
+    which buffers are persistent, and ``state_dict()`` would run FSDP2's state-dict hooks
+    (gathers) that a checkpoint of local shards must not trigger.
+    """
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for mname, m in module.named_modules():
+        for bname, b in m._buffers.items():
+            if b is None or bname in m._non_persistent_buffers_set or id(b) in seen:
+                continue
+            seen.add(id(b))
+            out[f"{mname}.{bname}" if mname else bname] = b
+    return out
+
+
+def sharded_tensor(shards: Sequence[tuple[Sequence[int], Sequence[int], Tensor]],
+                   all_boxes: Sequence[tuple[int, Sequence[int], Sequence[int]]], size: torch.Size,
+                   rank: int, dtype: torch.dtype) -> "ShardedTensor":
+    """A ``ShardedTensor`` of logical ``size`` whose local shards are ``(offsets, sizes, data)``.
+
+    ``all_boxes`` lists ``(rank, offsets, sizes)`` of every rank's shards. DCP writes and
+    reads ShardedTensors; ``ShardedTensor`` lives in the private ``torch.distributed._shard``
+    package, and its private ``_init_from_local_shards_and_global_metadata`` is the one
+    constructor that takes metadata already gathered (the public one runs a collective per
+    tensor; the caller gathers every tensor's boxes in one).
+    """
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata
+    from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
+
+    first = shards[0][2] if shards else torch.empty(0, dtype=dtype)
+    device = first.device
+    pinned = first.is_pinned() if device.type == "cpu" else False  # ZeRO offload keeps pinned masters
+    local = [Shard(tensor=data, metadata=ShardMetadata(shard_offsets=list(offsets), shard_sizes=list(sizes),
+                                                       placement=f"rank:{rank}/{device}"))
+             for offsets, sizes, data in shards]
+    shards_md = [ShardMetadata(shard_offsets=list(offsets), shard_sizes=list(sizes), placement=f"rank:{r}/{device}")
+                 for r, offsets, sizes in all_boxes]
+    meta = ShardedTensorMetadata(shards_metadata=shards_md, size=size,
+                                 tensor_properties=TensorProperties(dtype=first.dtype, pin_memory=pinned))
+    return ShardedTensor._init_from_local_shards_and_global_metadata(local, meta)
+
+
+@contextlib.contextmanager
+def floats_as_constants() -> Iterator[None]:
+    """Inside, ``torch.compile`` bakes Python floats into the graph (``specialize_float``).
+
+    torch 2.13 otherwise traced float betas symbolically and reused a graph with a stale
+    ``alpha``; ``torch._dynamo.config`` is the only switch.
+    """
+    import torch._dynamo.config
+
+    with torch._dynamo.config.patch(specialize_float=True):
+        yield
+
+
+def names() -> dict[str, bool]:
+    """Whether each private name above still exists in the installed torch (pinned by a test)."""
+    import torch._dynamo.config
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.fsdp import _common_utils
+
+    module = nn.Linear(1, 1)
+    return {
+        "ShardedTensor._init_from_local_shards_and_global_metadata":
+            hasattr(ShardedTensor, "_init_from_local_shards_and_global_metadata"),
+        "nn.Module._buffers": isinstance(getattr(module, "_buffers", None), dict),
+        "nn.Module._non_persistent_buffers_set": isinstance(getattr(module, "_non_persistent_buffers_set", None), set),
+        "torch._dynamo.config.specialize_float": hasattr(torch._dynamo.config, "specialize_float"),
+        "OptimizedModule._orig_mod": compiled_inner_module(torch.compile(module)) is module,  # type: ignore[arg-type]
+        "FSDP1 _fsdp_flattened": getattr(_common_utils, "FSDP_FLATTENED", None) == "_fsdp_flattened",
+    }
