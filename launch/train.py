@@ -127,12 +127,17 @@ def ds_config(args: argparse.Namespace) -> dict:
     return config
 
 
+def lionsf_options(args: argparse.Namespace) -> dict:
+    """LionSF's keyword arguments from the flags (with DeepSpeed they override its JSON's entry)."""
+    return dict(lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay, agreement=args.agreement,
+                use_triton=args.use_triton)
+
+
 def build(args: argparse.Namespace, device: torch.device):
     """(model or engine, LionSF, step function)."""
     torch.manual_seed(args.seed)
     model = GPT(args.layers, args.width, args.heads, args.block).to(device)
-    hyper = dict(lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay, agreement=args.agreement,
-                 use_triton=args.use_triton)
+    hyper = lionsf_options(args)
     if args.engine == "deepspeed":
         from lion_sf_dist import deepspeed as lsd
 
