@@ -21,7 +21,7 @@ and several seeds, on the same data order:
 LionSF's parameters are in two param groups (matrices, and biases / norm weights), so
 ``agreement="group"`` differs from ``"global"``; the other unit types do not depend on it.
 A sweep is widened by one lr a factor 2 beyond its edge while its best lr is at an edge
-(at most ``MAX_WIDEN`` times), so every reported best lies inside its sweep or is marked.
+(at most ``--max-widen`` times), so every reported best lies inside its sweep or is marked.
 
 Writes ``OUT/STUDY.csv`` (every evaluation), ``OUT/STUDY-scale.csv`` (LionSF's mean scale
 after every step), ``OUT/STUDY.md`` (tables, wall time), ``OUT/STUDY.png`` and
@@ -59,7 +59,6 @@ from lion_sf_dist import LionSF  # noqa: E402
 
 STUDIES = ("convergence", "ablation", "anytime", "large")
 CONTROL = "plain Lion (pow 0)"  # the ablation's control, LionSF with pow=0
-MAX_WIDEN = 3  # extra lrs a sweep may add beyond an edge before its best is reported "at the edge"
 
 
 @dataclass(frozen=True)
@@ -273,6 +272,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-every", type=int, help="default 50; 25 for --study anytime (it must divide --steps / 4)")
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--data-bytes", type=int, default=4_000_000, help="how much standard-library text to read")
+    ap.add_argument("--max-widen", type=int, default=3,
+                    help="lrs a sweep may add past an edge while its best is there, before reporting it at the edge")
     ap.add_argument("--workers", type=int, default=2, help="configurations trained at once, one process each")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--out", type=Path, help="default runs/STUDY")
@@ -280,19 +281,22 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true",
                     help="a tiny model, 8 steps, 2 seeds and 300 kB of text: checks the script runs, measures nothing")
     args = ap.parse_args(argv)
+    default = lambda value, fallback: fallback if value is None else value  # an explicit 0 is an error below
     if args.smoke:
         args.steps, args.layers, args.width, args.heads, args.block, args.batch_size = 8, 1, 32, 2, 16, 4
-        args.eval_batches, args.data_bytes = 1, 300_000
-        args.seeds, args.eval_every = args.seeds or 2, args.eval_every or 2
-    args.seeds = args.seeds or (1 if args.study == "large" else 3)
-    args.eval_every = args.eval_every or (25 if args.study == "anytime" else 50)
-    args.out = args.out or Path("runs") / args.study
+        args.eval_batches, args.data_bytes, args.max_widen = 1, 300_000, 1
+        args.seeds, args.eval_every = default(args.seeds, 2), default(args.eval_every, 2)
+    args.seeds = default(args.seeds, 1 if args.study == "large" else 3)
+    args.eval_every = default(args.eval_every, 25 if args.study == "anytime" else 50)
+    args.out = default(args.out, Path("runs") / args.study)
     if args.study == "large":
         args.layers, args.width = 2 * args.layers, args.width * 3 // 2
     for name in ("steps", "seeds", "layers", "width", "heads", "block", "batch_size", "eval_every", "eval_batches",
                  "workers", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_widen < 0:
+        ap.error("--max-widen must be >= 0")
     if args.width % args.heads:
         ap.error(f"the width ({args.width}) must be a multiple of --heads")
     if args.steps % args.eval_every:
@@ -347,12 +351,12 @@ def sweep(pool: Executor, configs: list[Config], args: argparse.Namespace, write
     """Every config at its lrs and ``args.seeds`` seeds, in parallel; widened while a best lr is at an edge.
 
     After each round, a config whose best lr (lowest mean final loss) is the lowest or
-    highest it ran gets one more lr a factor 2 beyond it, up to ``MAX_WIDEN`` times.
+    highest it ran gets one more lr a factor 2 beyond it, up to ``args.max_widen`` times.
     """
     curves: Curves = {}
     todo = {c: list(c.lrs) for c in configs}
     t0 = time.time()
-    for _ in range(MAX_WIDEN + 1):
+    for _ in range(args.max_widen + 1):
         jobs = [(c, lr, seed) for c, lrs in todo.items() for lr in lrs for seed in range(args.seeds)]
         for (c, lr, seed), result in zip(jobs, pool.map(sweep_run, *zip(*jobs))):
             for step, loss in result.curve:
