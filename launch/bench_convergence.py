@@ -75,9 +75,35 @@ class Config:
 LIONSF_BASE = dict(betas=(0.9, 0.99), weight_decay=0.0, agreement="module", pow=1.0)
 
 
-def study_configs(study: str, steps: int) -> list[Config]:
-    """The configurations of ``study`` for runs of ``steps`` steps."""
-    lionsf = Config("LionSF", "LionSF", (1e-3, 2e-3, 4e-3, 8e-3))
+LIONSF_TYPES: dict[str, Callable[[str], Any]] = {  # the options --lionsf may set, each with its parser
+    "agreement": str, "pow": float, "negative": str,
+    "agreement_ema": lambda v: {"true": True, "false": False}[v.lower()],
+}
+
+
+def lionsf_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["pow=2", "agreement=tensor"]`` as LionSF keyword arguments; ValueError names a bad pair."""
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in LIONSF_TYPES or not value:
+            raise ValueError(f"{pair!r}: expected KEY=VALUE with KEY one of {', '.join(LIONSF_TYPES)}")
+        try:
+            out[key] = LIONSF_TYPES[key](value)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{pair!r}: {key} cannot be {value!r}") from e
+    LionSF([("probe.w", torch.zeros(1))], lr=1e-3, **{**LIONSF_BASE, **out})  # LionSF's own checks of the values
+    return out
+
+
+def study_configs(study: str, steps: int, lionsf_options: Optional[dict[str, Any]] = None) -> list[Config]:
+    """The configurations of ``study`` for runs of ``steps`` steps.
+
+    ``lionsf_options`` (from ``--lionsf``) apply to the configuration named "LionSF" of the
+    convergence, anytime and large studies, e.g. the ablation's best setting.
+    """
+    options = tuple((lionsf_options or {}).items())
+    lionsf = Config("LionSF", "LionSF", (1e-3, 2e-3, 4e-3, 8e-3), options)
     adamw = Config("AdamW cosine", "AdamW cosine", (1.5e-3, 3e-3, 6e-3, 1.2e-2))
     schedule_free = Config("schedule-free AdamW", "schedule-free AdamW", (3e-3, 6e-3, 1.2e-2, 2.4e-2))
     if study == "convergence":
@@ -97,14 +123,14 @@ def study_configs(study: str, steps: int) -> list[Config]:
         return [Config(name, "LionSF", (lr / 2, lr, 2 * lr), tuple(opts.items()))
                 for name, (opts, lr) in variants.items()]
     if study == "anytime":
-        out = [Config("LionSF", "LionSF", (1e-3, 2e-3, 4e-3))]
+        out = [Config("LionSF", "LionSF", (1e-3, 2e-3, 4e-3), options)]
         for budget in budgets(steps):
             out += [Config(f"AdamW cosine {budget}", "AdamW cosine", (3e-3, 6e-3, 1.2e-2), steps=budget),
                     Config(f"schedule-free AdamW {budget}", "schedule-free AdamW", (3e-3, 6e-3, 1.2e-2),
                            steps=budget)]
         return out
     if study == "large":
-        return [Config("LionSF", "LionSF", (1e-3, 2e-3, 4e-3)),
+        return [Config("LionSF", "LionSF", (1e-3, 2e-3, 4e-3), options),
                 Config("AdamW cosine", "AdamW cosine", (3e-3, 6e-3, 1.2e-2))]
     raise ValueError(study)
 
@@ -272,6 +298,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-every", type=int, help="default 50; 25 for --study anytime (it must divide --steps / 4)")
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--data-bytes", type=int, default=4_000_000, help="how much standard-library text to read")
+    ap.add_argument("--lionsf", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="LionSF options of the LionSF runs of convergence / anytime / large (default: "
+                         "agreement=module pow=1), e.g. the ablation's best: --lionsf agreement=tensor pow=2")
     ap.add_argument("--max-widen", type=int, default=3,
                     help="lrs a sweep may add past an edge while its best is there, before reporting it at the edge")
     ap.add_argument("--workers", type=int, default=2, help="configurations trained at once, one process each")
@@ -295,6 +324,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                  "workers", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        args.lionsf = lionsf_overrides(args.lionsf)
+    except ValueError as e:
+        ap.error(f"--lionsf {e}")
+    if args.lionsf and args.study == "ablation":
+        ap.error("--lionsf sets the LionSF runs of the other studies; the ablation sets its own options")
     if args.max_widen < 0:
         ap.error("--max-widen must be >= 0")
     if args.width % args.heads:
@@ -310,7 +345,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    configs = study_configs(args.study, args.steps)
+    configs = study_configs(args.study, args.steps, args.lionsf)
     if args.replot:
         curves, extras = read_csv(args)
         saved = args.out / f"{args.study}.json"
@@ -319,7 +354,8 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.time()
         curves, extras = train_all(args, configs)
         meta = dict(wall_s=round(time.time() - t0), workers=args.workers, threads=args.threads, steps=args.steps,
-                    seeds=args.seeds, layers=args.layers, width=args.width)
+                    seeds=args.seeds, layers=args.layers, width=args.width,
+                    lionsf={**LIONSF_BASE, **args.lionsf, "betas": list(LIONSF_BASE["betas"])})
         (args.out / f"{args.study}.json").write_text(json.dumps(meta, indent=1) + "\n")
     REPORTS[args.study](args, configs, curves, extras, meta)
 
@@ -447,8 +483,9 @@ def header(args: argparse.Namespace, title: str, meta: dict) -> list[str]:
     shape = f"{args.layers}-layer, {args.width}-wide byte-level GPT on stdlib text"
     wall = (f"{meta['wall_s']} s in {meta['workers']} worker processes of {meta['threads']} thread(s)"
             if meta else "not recorded")
+    lionsf = ", ".join(f"{k}={v}" for k, v in meta["lionsf"].items()) if "lionsf" in meta else "not recorded"
     return [f"# {title}: {shape}, {args.steps} steps, batch {args.batch_size}x{args.block}, {args.seeds} seed(s)",
-            "", f"Wall time: {wall}.", ""]
+            "", f"Wall time: {wall}. LionSF runs (unless a row says otherwise): {lionsf}.", ""]
 
 
 def sweep_table(curves: Curves, configs: list[Config]) -> list[str]:

@@ -85,6 +85,15 @@ def test_large_study_has_four_times_the_parameters():
     assert 3.8 < count(large) / count(small) < 4.2 and large.seeds == 1 and small.seeds == 3
 
 
+def test_lionsf_flag_reaches_the_lionsf_runs_only():
+    args = bench.parse(["--study", "large", "--lionsf", "pow=2", "agreement=tensor", "agreement_ema=true"])
+    lionsf, adamw = bench.study_configs("large", 1500, args.lionsf)
+    opt = bench.make_optimizer(lionsf, bench.GPT(1, 32, 2, 16), 1e-3)
+    assert (opt.pow, opt.agreement, opt.agreement_ema, opt.negative) == (2.0, "tensor", True, "abs")
+    assert adamw.options == ()
+    assert bench.make_optimizer(bench.study_configs("large", 1500)[0], bench.GPT(1, 32, 2, 16), 1e-3).pow == 1.0
+
+
 def fake(loss_by_lr: dict[float, float]) -> bench.Curves:
     return {("x", lr): [bench.Result([(10, loss)])] for lr, loss in loss_by_lr.items()}
 
@@ -101,6 +110,10 @@ def test_sweep_widens_only_past_an_edge_best():
     (["--eval-every", "0"], "--eval-every must be >= 1"),
     (["--seeds", "0"], "--seeds must be >= 1"),
     (["--max-widen", "-1"], "--max-widen must be >= 0"),
+    (["--lionsf", "pow"], "expected KEY=VALUE"),
+    (["--lionsf", "agreement_ema=yes"], "agreement_ema cannot be 'yes'"),
+    (["--lionsf", "agreement=layer"], "agreement must be one of"),
+    (["--study", "ablation", "--lionsf", "pow=2"], "the ablation sets its own options"),
     (["--steps", "1000", "--eval-every", "300"], "--eval-every must divide --steps"),
 ])
 def test_bad_study_flag_is_a_clear_error(flags, message, capsys):
