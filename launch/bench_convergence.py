@@ -580,7 +580,8 @@ def report_ablation(args: argparse.Namespace, configs: list[Config], curves: Cur
     lines += ["", "## Every run", ""] + sweep_table(curves, configs)
     fig, (a, b) = figure(2)
     plot_best(a, curves, [c.name for c in configs], "best lr of each, mean ± sd over seeds")
-    a.set_ylim(top=min(3.5, a.get_ylim()[1]))
+    lowest = min(mean_curve(curves[(c.name, best_lr(curves, c.name))])[-1][1] for c in configs)
+    a.set_ylim(top=min(3.5, lowest + 0.6, a.get_ylim()[1]))  # nine curves end close together: show the ends
     units = [c.name for c in configs if c.name.startswith("agreement ") and c.name != "agreement_ema"]
     window = max(1, args.steps // 50)
     for name in units:
