@@ -155,7 +155,6 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--steps", "0"], "--steps must be >= 1"),
     (["--log-every", "0"], "--log-every must be >= 1"),
-    (["--log-every", "-3"], "--log-every must be >= 1"),
     (["--engine", "fsdp2", "--zero-stage", "3"], "--zero-stage is a DeepSpeed setting"),
     (["--width", "30", "--heads", "4"], "--width a multiple of --heads"),
 ])
