@@ -586,6 +586,9 @@ def report_ablation(args: argparse.Namespace, configs: list[Config], curves: Cur
     window = max(1, args.steps // 50)
     for name in units:
         runs = curves[(name, best_lr(curves, name))]
+        if not all(r.scale for r in runs):
+            raise ValueError(f"{args.out / 'ablation-scale.csv'} has no per-step scale of {name!r}: "
+                             "run the study again")
         per_step = [statistics.mean(v) for v in zip(*(r.scale for r in runs))]
         smooth = [statistics.mean(per_step[max(0, i - window + 1):i + 1]) for i in range(len(per_step))]
         unit = name.removeprefix("agreement ").split(",")[0]
