@@ -12,6 +12,10 @@ One script, three engines:
 checkpoint in ``--out`` at whatever world size the job now has, and so does a job that
 ``torchrun --max-restarts`` restarted after a failure. SIGTERM (preemption) writes a
 checkpoint and exits cleanly. gloo on CPU, NCCL on GPU, chosen automatically.
+
+``OUT/metrics.csv`` gets a row every ``--log-every`` steps (training loss, mean LionSF
+scale, tokens/s) and every ``--eval-every`` steps; ``val_loss`` is empty in rows without
+an evaluation. ``launch/plot.py OUT`` draws it. The run ends with one summary line on stdout.
 """
 
 from __future__ import annotations
@@ -123,11 +127,17 @@ def ds_config(args: argparse.Namespace) -> dict:
     return config
 
 
+def lionsf_options(args: argparse.Namespace) -> dict:
+    """LionSF's keyword arguments from the flags (with DeepSpeed they override its JSON's entry)."""
+    return dict(lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay, agreement=args.agreement,
+                use_triton=args.use_triton)
+
+
 def build(args: argparse.Namespace, device: torch.device):
     """(model or engine, LionSF, step function)."""
     torch.manual_seed(args.seed)
     model = GPT(args.layers, args.width, args.heads, args.block).to(device)
-    hyper = dict(lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay, agreement=args.agreement)
+    hyper = lionsf_options(args)
     if args.engine == "deepspeed":
         from lion_sf_dist import deepspeed as lsd
 
@@ -200,11 +210,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--agreement", choices=["tensor", "module", "group", "global"], default="module")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--use-triton", action="store_true", help="LionSF's torch.compile'd step (first step compiles)")
+    ap.add_argument("--log-every", type=int, default=10, help="steps between training-loss / scale / tokens/s rows")
+    ap.add_argument("--eval-every", type=int, default=50, help="steps between validation losses (also logged)")
     ap.add_argument("--eval-batches", type=int, default=4)
     ap.add_argument("--data-bytes", type=int, default=4_000_000, help="how much standard-library text to read")
     args = ap.parse_args(argv)
-    for name in ("steps", "layers", "width", "heads", "block", "batch_size", "eval_every", "eval_batches"):
+    for name in ("steps", "layers", "width", "heads", "block", "batch_size", "log_every", "eval_every", "eval_batches"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.zero_stage is not None and args.engine != "deepspeed":
@@ -266,23 +278,29 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.batch_size * args.block * world
     t0 = time.perf_counter()
     step = start
+    last_val: float | None = None
     while step < args.steps:
         x, y = batch(train, args.batch_size, args.block, seed=args.seed * 10**7 + step * world + rank)
         loss = step_fn(x.to(device), y.to(device))
         step += 1
         signalled = stop_requested(stop, device)
         stopping = step == args.steps or signalled
-        if step % args.eval_every == 0 or stopping:
+        evaluate = step % args.eval_every == 0 or stopping
+        if evaluate or step % args.log_every == 0:  # only here is the loss (and the scale) read off the device
             loss_v = loss.detach().clone()
             dist.all_reduce(loss_v)
-            row = dict(step=step, loss=loss_v.item() / world, val_loss=val_loss(model, val, args, device),
-                       scale_mean=opt.last_scale.mean().item(),
+            row = dict(step=step, loss=loss_v.item() / world, val_loss="", scale_mean=opt.last_scale.mean().item(),
                        tokens_per_s=tokens * (step - start) / (time.perf_counter() - t0), world_size=world)
+            postfix = dict(loss=f"{row['loss']:.3f}", scale=f"{row['scale_mean']:.2f}",
+                           tok_s=f"{row['tokens_per_s']:.0f}")
+            if evaluate:
+                row["val_loss"] = last_val = val_loss(model, val, args, device)
+            if last_val is not None:  # the bar keeps the newest validation loss between evaluations
+                postfix["val"] = f"{last_val:.3f}"
             if rank == 0:
                 with open(metrics, "a", newline="") as f:
                     csv.DictWriter(f, fields).writerow(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", val=f"{row['val_loss']:.3f}",
-                                scale=f"{row['scale_mean']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.set_postfix(postfix)
         if bar is not None:
             bar.update(1)
         if stopping or (args.checkpoint_every and step % args.checkpoint_every == 0):
@@ -293,8 +311,17 @@ def main(argv: list[str] | None = None) -> int:
             break
     if bar is not None:
         bar.close()
+    if rank == 0:
+        print(summary(step, last_val, tokens * (step - start) / (time.perf_counter() - t0), ckpt_dir), flush=True)
     dist.destroy_process_group()
     return 0
+
+
+def summary(step: int, last_val: float | None, tokens_per_s: float, ckpt_dir: Path) -> str:
+    """The one line a run ends with: where it stopped, its last validation loss, speed, newest checkpoint."""
+    val = "none this run" if last_val is None else f"{last_val:.4f}"
+    return (f"train.py: step {step}: final val loss {val}, {tokens_per_s:.0f} tokens/s, "
+            f"checkpoint {checkpoint.latest(ckpt_dir)}")
 
 
 def init_distributed(backend: str) -> None:

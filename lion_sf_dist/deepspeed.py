@@ -1,4 +1,4 @@
-"""DeepSpeed: LionSF from a config entry, exact at every ZeRO stage (SPEC sections 3, 4, 7).
+"""DeepSpeed: LionSF from a config entry, exact at every ZeRO stage (docs/CONTRACT.md).
 
 ``initialize(...)`` takes the arguments of ``deepspeed.initialize`` and returns its tuple.
 Its config may name the optimizer::
@@ -22,8 +22,9 @@ gradient norm is not finite (LionSF is not called); under ZeRO-0 LionSF skips th
 holding a non-finite gradient, on every rank alike. Nothing is poisoned either way.
 
 Checkpoints: ``engine.save_checkpoint`` / ``load_checkpoint`` keep the per-partition
-``exp_avg`` (same world size and stage); ``lion_sf_dist.checkpoint`` reshards, using
-:func:`zero_fragments` (each rank's slices of each logical parameter).
+``exp_avg`` (same world size and stage; a load before ``attach`` is taken over by it);
+``lion_sf_dist.checkpoint`` reshards, reading each rank's slices of each logical parameter
+from ``LionSF.fragments()``.
 
 ``agreement_ema=True`` keeps its per-unit vector in every partition's state (``"agreement_ema"``).
 
@@ -42,13 +43,11 @@ from typing import Any, Callable, Optional, Union
 import deepspeed
 from torch.optim import Optimizer
 
-from lion_sf_dist.layouts.zero import ZeroLayout, zero_fragments
-from lion_sf_dist.layouts.zero_internals import (
-    check_attributes, client_optimizer, stage12_partitions, stage3_partitions, unsupported_reason, zero_stage_of,
-)
+from lion_sf_dist.engines import lionsf_of
+from lion_sf_dist.layouts.zero import ZeroLayout
 from lion_sf_dist.optimizer import LionSF
 
-__all__ = ["initialize", "attach", "zero_fragments", "OPTIMIZER_TYPE"]
+__all__ = ["initialize", "attach", "OPTIMIZER_TYPE"]
 
 OPTIMIZER_TYPE = "LionSF"
 
@@ -99,49 +98,25 @@ def initialize(
 def attach(engine: Any) -> LionSF:
     """Make the LionSF inside ``engine`` step exactly; returns it. Call before the first step.
 
-    Under ZeRO 1-3 the LionSF learns which slice of which parameter (and agreement unit)
-    each flat partition holds, gets its ``exp_avg`` per partition (eagerly, carrying over
-    any it already had) and from then on counts all partitions of an engine step together,
-    with one int64 all-reduce per process group. Under ZeRO-0 (fp32) it needs nothing: the
-    engine hands it whole parameters with averaged gradients.
+    Under ZeRO 1-3 the LionSF is given a :class:`~lion_sf_dist.layouts.zero.ZeroLayout`: it
+    learns which slice of which parameter (and agreement unit) each flat partition holds,
+    gets its ``exp_avg`` per partition at once (taking over a state loaded into the
+    partitions before, or carrying over the one it held for the parameters) and from then
+    on counts all partitions of an engine step together, with one int64 all-reduce per
+    process group. Under ZeRO-0 (fp32) it needs nothing: the engine hands it whole
+    parameters with averaged gradients. Calling it again for the same engine changes nothing.
 
     Raises ``TypeError`` when the engine's optimizer is not LionSF (or not one of the
     supported wrappers), ``NotImplementedError`` for configurations it cannot step exactly
     (NVMe or partial offload, bf16/fp16 without ZeRO).
     """
+    opt = lionsf_of(engine)
     outer = engine.optimizer
-    stage = zero_stage_of(outer)
-    if stage == 0:
-        if isinstance(outer, LionSF):
-            return outer
-        raise TypeError(
-            f"lion_sf_dist.deepspeed.attach: the engine's optimizer is {type(outer).__name__}, not LionSF or a ZeRO "
-            "optimizer wrapping one (bf16/fp16 without ZeRO flattens parameters in a way not supported: use ZeRO "
-            "stage 1, 2 or 3)"
-        )
-    check_attributes(outer)
-    opt = client_optimizer(outer)
-    if not isinstance(opt, LionSF):
-        raise TypeError(f"lion_sf_dist.deepspeed.attach: the engine steps {type(opt).__name__}, not LionSF")
-    reason = unsupported_reason(outer)
-    if reason is not None:
-        raise NotImplementedError(f"lion_sf_dist.deepspeed.attach: {reason}")
-    partitions = stage3_partitions(outer) if stage == 3 else stage12_partitions(outer)
-    unit_of = {
-        id(p): u
-        for params, ids in zip(opt.original_params(), opt.units.ids)
-        for p, u in zip(params, ids)
-        if p is not None
-    }
-    unit_group: dict[int, dict[str, Any]] = {}
-    for group, ids in zip(opt.param_groups, opt.units.ids):
-        for u in ids:
-            unit_group.setdefault(u, group)
-    unknown = [f.shape for part in partitions for f in part.fragments if id(f.param) not in unit_of]
-    if unknown:
-        raise RuntimeError(f"lion_sf_dist.deepspeed.attach: DeepSpeed partitions hold parameters (shapes {unknown}) "
-                           "that the LionSF was not constructed with")
-    opt._layout = ZeroLayout(opt, partitions, unit_of, [unit_group[u] for u in range(opt.units.count)])
+    if outer is opt:
+        return opt
+    if isinstance(opt.layout, ZeroLayout) and opt.layout.zero_optimizer is outer:
+        return opt
+    opt.use_layout(ZeroLayout(outer))
     return opt
 
 

@@ -4,7 +4,7 @@ Three pure stages, all on local tensors (no process groups, no DTensor, no DeepS
 
 * :func:`count_agreement` -- per tensor (or chunk), ``A``: elements whose Lion update
   agrees in sign with the gradient, and whether any gradient element is NaN or Inf.
-* :func:`unit_scales` -- from the (globally reduced) per-unit counts ``[A, N, P]``,
+* :func:`scales_from_counts` -- from the (globally reduced) per-unit counts ``[A, N, P]``,
   the float32 agreement, the scale ``s_U`` and whether the unit steps at all.
 * :func:`apply_update` -- per tensor, weight decay, the scaled signed step and the
   momentum update, in place, leaving a skipped unit bit-for-bit unchanged.
@@ -28,13 +28,12 @@ the same maths:
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Hashable, Optional, Sequence
 
 import torch
-import torch._dynamo.exc
-import torch.fx.experimental._config
 from torch import Tensor
 
+from lion_sf_dist._torch_private import chunk_cat, no_duck_shapes, recompile_limit_hit
 from lion_sf_dist.rounding import IndexMap, Rounding, random16, stochastic_bf16
 
 # Eager temporaries are a few chunks of this many elements (1 MiB in fp32): they stay in cache.
@@ -130,14 +129,16 @@ def _zeroed_unless(keep: Tensor, g: Tensor) -> Tensor:
     return g.mul(keep).nan_to_num_(0.0, 0.0, 0.0)
 
 
-def unit_scales(
+def scales_from_counts(
     totals: Tensor,
     pow: float,
     negative: str,
     ema: Tensor | None = None,
     ema_betas: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-unit ``(agreement, scale, keep)`` from reduced counts ``totals[U, 3] = [A, N, P]`` (``P``: pieces with a non-finite gradient).
+    """Per-unit ``(agreement, scale, keep)`` from reduced counts ``totals[U, 3] = [A, N, P]``.
+
+    ``P`` counts pieces with a non-finite gradient.
 
     ``agreement = 2 * A / N - 1`` in float32; ``scale = |agreement| ** pow`` (``negative="abs"``)
     or ``max(agreement, 0) ** pow`` (``"clamp"``). A unit steps (``keep``) when it has elements
@@ -151,6 +152,7 @@ def unit_scales(
     agreement = frac * 2.0 - 1.0
     signal = agreement
     if ema is not None:
+        assert ema_betas is not None, "an agreement average comes with its betas"
         b1, b2 = ema_betas
         signal = ema * b1 + agreement * (1.0 - b1)
         ema.copy_(torch.where(keep, ema * b2 + agreement * (1.0 - b2), ema))
@@ -160,21 +162,26 @@ def unit_scales(
 
 
 def _flat_chunks(size: int, *tensors: Tensor) -> list[tuple[int, tuple[Tensor, ...]]]:
-    """``(offset, pieces)``: matching flat pieces of at most ``size`` elements (whole tensors if one is not contiguous)."""
+    """``(offset, pieces)``: matching flat pieces of at most ``size`` elements (whole tensors if not contiguous)."""
     if not all(t.is_contiguous() for t in tensors):
         if tensors[0].numel() > EXACT_FLOAT_COUNT:
             raise ValueError(f"LionSF's eager kernel needs contiguous tensors above {EXACT_FLOAT_COUNT} elements "
-                             f"(got one of shape {tuple(tensors[0].shape)}); use use_triton=True or a contiguous layout")
+                             f"(got one of shape {tuple(tensors[0].shape)}); "
+                             "use use_triton=True or a contiguous layout")
         return [(0, tensors)]
     flats = [t.view(-1) for t in tensors]
     return [(i, tuple(f[i : i + size] for f in flats)) for i in range(0, flats[0].numel(), size)]
 
 
-def _draws(rounding: Optional[Rounding], seg: int, start: int, shape: torch.Size):
+Draw = Callable[[Tensor], Tensor]
+
+
+def _draws(rounding: Optional[Rounding], seg: int, start: int,
+           shape: torch.Size) -> Optional[tuple[Optional[Draw], Optional[Draw]]]:
     """The stochastic-rounding functions for ``p`` and ``m`` of local elements ``start..`` of segment ``seg``."""
     if rounding is None:
         return None
-    return tuple(_draw_fn(rounding, seg, stream, start, shape) for stream in (0, 1))
+    return _draw_fn(rounding, seg, 0, start, shape), _draw_fn(rounding, seg, 1, start, shape)
 
 
 def _draw_fn(rounding: Rounding, seg: int, stream: int, start: int, shape: torch.Size) -> Callable[[Tensor], Tensor]:
@@ -209,9 +216,9 @@ def _chunked_apply(ps: Sequence[Tensor], ms: Sequence[Tensor], gs: Sequence[Tens
 # -- the multi-tensor path ----------------------------------------------------------------
 
 
-def _groups(keys: Sequence[tuple]) -> dict[tuple, list[int]]:
+def _groups(keys: Sequence[Hashable]) -> dict[Any, list[int]]:
     """Positions sharing a key, in order of first appearance."""
-    out: dict[tuple, list[int]] = {}
+    out: dict[Any, list[int]] = {}
     for i, k in enumerate(keys):
         out.setdefault(k, []).append(i)
     return out
@@ -353,11 +360,11 @@ class _ForeachKernel:
                 self._store(m_, m32, rounding, at, 1)
 
     @staticmethod
-    def _store(dst: list[Tensor], values: list[Tensor], rounding: Optional[Rounding], at: Sequence[int],
+    def _store(dst: Sequence[Tensor], values: Sequence[Tensor], rounding: Optional[Rounding], at: Sequence[int],
                stream: int) -> None:
         """Round float32 ``values`` into ``dst``: one ``_foreach_copy_`` to nearest, or per tensor stochastically."""
         if rounding is None or dst[0].dtype != torch.bfloat16:
-            torch._foreach_copy_(dst, values)
+            torch._foreach_copy_(list(dst), list(values))
             return
         for d, v, seg in zip(dst, values, at):
             for start in range(0, d.numel(), CHUNK):
@@ -375,14 +382,14 @@ def _gather_f32(gs: Sequence[Tensor], device: torch.device) -> tuple[Tensor, lis
     gathered = torch.empty((1, sum(sizes)), dtype=F32, device=device)
     by_dtype = _groups([g.dtype for g in gs])
     if len(by_dtype) == 1:
-        torch._chunk_cat(list(gs), 0, 1, out=gathered)
+        chunk_cat(gs, gathered)
         return gathered, list(gathered.view(-1).split_with_sizes(sizes))
     order = [i for idx in by_dtype.values() for i in idx]
     pieces = gathered.view(-1).split_with_sizes([sizes[i] for i in order])
     start = 0
     for idx in by_dtype.values():
         n = sum(sizes[i] for i in idx)
-        torch._chunk_cat([gs[i] for i in idx], 0, 1, out=gathered[:, start : start + n])
+        chunk_cat([gs[i] for i in idx], gathered[:, start : start + n])
         start += n
     flat: list[Tensor] = [gathered] * len(gs)
     for piece, i in zip(pieces, order):
@@ -433,10 +440,11 @@ def _compiled_apply(ps: list[Tensor], ms: list[Tensor], gs: list[Tensor], step_s
     for i, (p, m, g) in enumerate(zip(ps, ms, gs)):
         pf, mf, gf = _flat(p), _flat(m), _flat(g)
         draws = None
-        if keys is not None:
+        if keys is not None and where is not None:
             j = torch.arange(p.numel(), device=p.device)
-            positions = (where[i, 0] + (j // where[i, 3]) * where[i, 1] + (j % where[i, 3]) * where[i, 2]).view(pf.shape)
-            draws = tuple(_bits_draw(keys[i, s], positions) for s in (0, 1))
+            base, outer, inner, size = where[i].unbind()
+            positions = (base + (j // size) * outer + (j % size) * inner).view(pf.shape)
+            draws = (_bits_draw(keys[i, 0], positions), _bits_draw(keys[i, 1], positions))
         apply_update(pf, mf, gf, step_size[i], decay[i], keep[i], (coefs[i, 0], coefs[i, 1]),
                      (coefs[i, 2], coefs[i, 3]), draws=draws)
 
@@ -454,7 +462,9 @@ def _compile(fn: Callable, device: torch.device) -> Callable:
     ``cpp.dynamic_threads`` (CPU only: inductor's C++ backend) keeps every CPU loop
     parallel; inductor otherwise left small ones on one thread.
     """
-    options = {"cpp.dynamic_threads": True} if device.type == "cpu" else {}
+    options: dict[str, str | int | bool | Callable[..., Any]] = {}
+    if device.type == "cpu":
+        options["cpp.dynamic_threads"] = True
     return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
 
 
@@ -593,10 +603,12 @@ class Kernel:
         where = self._where_tensor(rounding, device) if rounding is not None else None
         if rounding is not None and where is None:
             return False  # a shard layout of more than two merged dims: the eager paths handle any
-        fns = [self._compiled_fn("apply", _compiled_apply, kind, rounding is not None, device)
-               for kind, _ in plan.batches]
-        if any(fn is None for fn in fns):
-            return False
+        fns = []
+        for kind, _ in plan.batches:
+            fn = self._compiled_fn("apply", _compiled_apply, kind, rounding is not None, device)
+            if fn is None:
+                return False
+            fns.append(fn)
         coefs = _padded(self._coef_tensor(beta1s, beta2s, device), 0.0)
         step_size, decay, keep = _padded(step_size, 0.0), _padded(decay, 1.0), _padded(keep, False)
         keys = _padded(rounding.keys(), 0) if rounding is not None else None
@@ -663,9 +675,9 @@ def _guarded(compiled: Callable, kernel: Kernel) -> Callable[..., tuple[bool, ob
 
     def run(*args: object) -> tuple[bool, object]:
         try:
-            with torch.fx.experimental._config.patch(use_duck_shape=False):
+            with no_duck_shapes():
                 return True, compiled(*args)
-        except torch._dynamo.exc.FailOnRecompileLimitHit:
+        except recompile_limit_hit():
             kernel._warn_fallback()
             return False, None
 

@@ -16,11 +16,11 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+from lion_sf_dist._torch_private import dispatch_mode
 
 
-class OpCounter(TorchDispatchMode):
+class OpCounter(dispatch_mode()):  # type: ignore[misc]
     """A dispatch mode counting ops by name; also records ops that take a host tensor of one or more dims
     while the step runs on another device (a host-to-device copy each time)."""
 
@@ -34,7 +34,8 @@ class OpCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         self.ops[str(func.overloadpacket.__name__)] += 1
         if self.device is not None and self.device.type != "cpu":
-            flat, _ = tree_flatten((args, kwargs))
+            flat = [*args, *kwargs.values()]
+            flat += [t for x in flat if isinstance(x, (list, tuple)) for t in x]
             if any(isinstance(t, Tensor) and t.device.type == "cpu" and t.dim() >= 1 for t in flat):
                 self.host_inputs.append(str(func))
         return func(*args, **kwargs)

@@ -1,32 +1,45 @@
-"""LionSF: Lion whose step is scaled by the sign agreement of each unit (SPEC sections 1-8).
+"""LionSF: Lion whose step is scaled by the sign agreement of each unit (docs/CONTRACT.md).
 
 A step is four stages over :class:`~lion_sf_dist.layouts.Segment` s (local pieces of
-parameters): count the agreement of each piece, sum the counts per unit across ranks
-(one collective per process group), turn them into per-unit scales, apply the update.
-The arithmetic lives in :mod:`lion_sf_dist.kernel`; how parameters are spread over ranks
-lives in :mod:`lion_sf_dist.layouts`.
+parameters) that the optimizer's layout hands it: count the agreement of each piece, sum
+the counts per unit across ranks (one collective per process group), turn them into
+per-unit scales, apply the update. The arithmetic lives in :mod:`lion_sf_dist.kernel`;
+how parameters are spread over ranks lives in :mod:`lion_sf_dist.layouts`.
 """
 
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim import Optimizer
 
-from lion_sf_dist.kernel import Kernel, unit_scales
-from lion_sf_dist.layouts.params import check_params, param_segments
-from lion_sf_dist.layouts.segment import Segment
-from lion_sf_dist.layouts.zero_internals import flattened_by_deepspeed
+from lion_sf_dist.agreement_average import AgreementAverage
+from lion_sf_dist.kernel import Kernel, scales_from_counts
+from lion_sf_dist.layouts import Fragment, Layout, ParamLayout, Segment
+from lion_sf_dist.options import (
+    AGREEMENTS,
+    NEGATIVES,
+    Agreement,
+    Negative,
+    ParamsT,
+    check_choice,
+    check_group_values,
+    check_optimizer_values,
+)
 from lion_sf_dist.reduce import reduce_counts
-from lion_sf_dist.units import AGREEMENTS, Units, assign_units
+from lion_sf_dist.units import Units, assign_units
 
-NEGATIVE = ("abs", "clamp")
+# Hyper-parameters a checkpoint records; the first four may be copied from one (the others shape the optimizer).
+HYPERPARAMETERS = ("initial_lr", "pow", "negative", "decoupled_wd", "agreement", "agreement_ema")
+COPYABLE_HYPERPARAMETERS = ("initial_lr", "pow", "negative", "decoupled_wd")
+GROUP_HYPERPARAMETERS = ("lr", "betas", "weight_decay")
+# What a parameter's state may hold (``exp_avg`` always).
+STATE_KEYS = ("exp_avg", "agreement_ema")
 
 
 @dataclass
@@ -34,7 +47,7 @@ class _Plan:
     """Everything about a step's segments that does not change while their structure doesn't."""
 
     device: torch.device
-    groups: list[Optional[dist.ProcessGroup]]
+    process_groups: list[Optional[dist.ProcessGroup]]
     row_index: Tensor  # slot * U + unit, per counted segment
     numel: Tensor  # [len(counted), 1] int64, local element count per counted segment
 
@@ -45,7 +58,8 @@ class LionSF(Optimizer):
     Each step, the Lion update ``sign(m * beta1 + g * (1 - beta1))`` of every agreement unit
     is scaled by ``|2 * A / N - 1| ** pow``, where ``A`` of the unit's ``N`` elements have an
     update agreeing in sign with their gradient. ``A`` and ``N`` are counted over the whole
-    logical unit, whatever the sharding, so every rank applies the same scale.
+    logical unit, whatever the sharding, so every rank applies the same scale. The full
+    contract is docs/CONTRACT.md.
 
     Args:
         params: tensors, ``(name, tensor)`` pairs or param-group dicts.
@@ -69,7 +83,7 @@ class LionSF(Optimizer):
 
     def __init__(
         self,
-        params: Iterable[Any],
+        params: ParamsT,
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
@@ -77,19 +91,15 @@ class LionSF(Optimizer):
         decoupled_weight_decay: bool = False,
         pow: float = 1.0,
         *,
-        agreement: str = "tensor",
-        negative: str = "abs",
+        agreement: Agreement = "tensor",
+        negative: Negative = "abs",
         agreement_ema: bool = False,
     ) -> None:
-        if not lr > 0.0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        _check_group_values(betas, weight_decay)
-        if not pow >= 0.0:
-            raise ValueError(f"pow must be >= 0, got {pow}")
-        if agreement not in AGREEMENTS:
-            raise ValueError(f"agreement must be one of {AGREEMENTS}, got {agreement!r}")
-        if negative not in NEGATIVE:
-            raise ValueError(f"negative must be one of {NEGATIVE}, got {negative!r}")
+        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        check_group_values(defaults)
+        check_optimizer_values(pow)
+        check_choice("agreement", agreement, AGREEMENTS)
+        check_choice("negative", negative, NEGATIVES)
         self.initial_lr = lr
         self.pow = pow
         self.decoupled_wd = decoupled_weight_decay
@@ -97,49 +107,83 @@ class LionSF(Optimizer):
         self.negative = negative
         self.agreement_ema = agreement_ema
         self._kernel = Kernel(compiled=use_triton)
+        self._layout: Layout = ParamLayout()
+        self._average = AgreementAverage()
         self._units: Optional[Units] = None
-        self._params_seen: list[Tensor] = []
         self._plans: dict[tuple, _Plan] = {}
-        self._ema: Optional[Tensor] = None
-        # An adapter that owns the step when a framework replaced the parameters by flat
-        # partitions (set by lion_sf_dist.deepspeed.attach); the tensors each group held when
-        # added, by position, so such an adapter can still tell which unit an element is in.
-        self._layout: Optional[Any] = None
+        self._hyper: Optional[tuple[tuple, Tensor]] = None
+        self._unit_betas: Optional[tuple[tuple, tuple[Tensor, Tensor]]] = None
+        # The tensors each group held when added, by position: units refer to these, and a
+        # layout for a framework that swaps them for flat partitions (ZeRO) maps elements with them.
         self._origin: list[tuple[weakref.ref, ...]] = []
+        # The group dicts as added: during a ZeRO step DeepSpeed shows only the stepped group
+        # in ``param_groups``, but keeps these dicts (and their betas) alive.
+        self._groups: list[dict[str, Any]] = []
         self.last_agreement: Optional[Tensor] = None
         self.last_scale: Optional[Tensor] = None
         self.last_skipped: Optional[Tensor] = None
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+        super().__init__(params, defaults)
         _ = self.units  # fails here, not at the first step, when a unit needs names it was not given
 
-    # -- construction and state ------------------------------------------------------
+    # -- construction, units and layout ----------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group``, refusing invalid values before anything is added."""
+        candidate = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        check_group_values(candidate)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        group["betas"] = tuple(group["betas"])
         self._origin.append(tuple(weakref.ref(p) for p in group["params"]))
-        _check_group_values(group["betas"], group["weight_decay"])
-        if not group["lr"] > 0.0:
-            raise ValueError(f"lr must be > 0, got {group['lr']}")
+        self._groups.append(group)
         self._units = None
-        self._sync_state()
+        try:
+            self._layout.init_state(self.param_groups, self.state, self.original_params(), self.units)
+        except (ValueError, TypeError, RuntimeError):  # refused (names, parameter kind): the group was never added
+            self.param_groups.pop()
+            self._origin.pop()
+            self._groups.pop()
+            self._units = None
+            self._layout.forget()
+            raise
 
     @property
     def units(self) -> Units:
         """The agreement unit of every parameter, by position in ``param_groups``."""
         if self._units is None:
-            self._units = assign_units(self.param_groups, self.agreement)
+            units = assign_units(self._groups, self.agreement)
             if self.agreement_ema:
-                self._check_ema_betas(self._units)
+                self._check_ema_betas(units)
+            self._units = units
         return self._units
 
     @property
     def unit_names(self) -> tuple[str, ...]:
+        """A readable name of each unit, in the order of ``last_agreement`` and ``last_scale``."""
         return self.units.names
+
+    @property
+    def layout(self) -> Layout:
+        """How the tensors this optimizer steps map to logical parameters (see :mod:`lion_sf_dist.layouts`)."""
+        return self._layout
+
+    def use_layout(self, layout: Layout) -> None:
+        """Step through ``layout`` from now on; its state is created at once (``exp_avg`` carried over).
+
+        Called by :func:`lion_sf_dist.deepspeed.attach` with a ZeRO layout.
+        """
+        layout.init_state(self.param_groups, self.state, self.original_params(), self.units)
+        self._layout = layout
+        self._plans.clear()
+        self._hyper = None
+
+    def original_params(self) -> list[list[Optional[Tensor]]]:
+        """The tensors each param group held when it was added, by position (``None`` once freed)."""
+        return [[ref() for ref in refs] for refs in self._origin]
 
     def _check_ema_betas(self, units: Units) -> None:
         betas: dict[int, tuple] = {}
-        for group, ids in zip(self.param_groups, units.ids):
+        for group, ids in zip(self._groups, units.ids):
             for u in ids:
                 if betas.setdefault(u, tuple(group["betas"])) != tuple(group["betas"]):
                     raise ValueError(
@@ -147,87 +191,109 @@ class LionSF(Optimizer):
                         "its agreement average needs one pair"
                     )
 
-    def original_params(self) -> list[list[Optional[Tensor]]]:
-        """The tensors each param group held when it was added, by position (``None`` once freed).
-
-        ``units.ids`` refers to these positions; an adapter for a framework that swaps
-        ``param_groups`` for flat partitions (DeepSpeed ZeRO) maps elements to units with it.
-        """
-        return [[ref() for ref in refs] for refs in self._origin]
-
-    def _refuse_flattened(self) -> None:
-        """Raise when DeepSpeed replaced our parameters by flat partitions and no adapter was attached."""
-        held = set(map(id, self._current_params()))
-        if any(p is not None and id(p) not in held and flattened_by_deepspeed(p)
-               for ps in self.original_params() for p in ps):
-            raise RuntimeError(
-                "LionSF is being stepped by a DeepSpeed ZeRO engine it was not attached to: it would see flat "
-                "per-rank partitions instead of parameters and count the sign agreement per partition, which "
-                "differs across ranks. Build the engine with lion_sf_dist.deepspeed.initialize(...) instead of "
-                "deepspeed.initialize(...), or call lion_sf_dist.deepspeed.attach(engine) on an engine built "
-                "elsewhere (HF Accelerate, HF Trainer) before its first step."
-            )
-
-    def _current_params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
-    def _sync_state(self) -> None:
-        """Give every parameter its ``exp_avg``, following parameters swapped in ``param_groups``.
-
-        A parameter that replaced another at the same position (HF Accelerate's FSDP2
-        ``prepare`` swaps sharded DTensors in) inherits that one's state when the logical
-        shape matches; state of parameters no longer held is dropped.
-        """
-        if self._layout is not None:
-            return  # the adapter keys state by its partitions
-        current = self._current_params()
-        if len(current) == len(self._params_seen) and all(a is b for a, b in zip(current, self._params_seen)):
-            return
-        self._refuse_flattened()
-        check_params(current)
-        previous = dict(zip(range(len(self._params_seen)), self._params_seen))
-        for i, p in enumerate(current):
-            if "exp_avg" in self.state.get(p, {}):
-                continue
-            old = previous.get(i)
-            old_state = self.state.get(old, {}) if old is not None else {}
-            self.state[p] = {"exp_avg": _follow(old_state.get("exp_avg"), p)}
-            if "agreement_ema" in old_state:
-                self.state[p]["agreement_ema"] = old_state["agreement_ema"].clone()
-        keep = set(map(id, current))
-        for stale in [k for k in self.state if isinstance(k, Tensor) and id(k) not in keep]:
-            del self.state[stale]
-        self._params_seen = current
-        self._ema = None
+    # -- state: torch's state_dict, and the logical view checkpoints use ---------------
 
     def state_dict(self) -> dict[str, Any]:
-        """``torch.optim.Optimizer.state_dict`` after state has followed swapped parameters (SPEC section 5)."""
-        self._sync_state()
+        """``torch.optim.Optimizer.state_dict`` after state has followed swapped parameters."""
+        self._layout.init_state(self.param_groups, self.state, self.original_params(), self.units)
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``; also before :func:`~lion_sf_dist.deepspeed.attach`
+        (the loaded partition state is then taken over when the ZeRO layout is attached).
+
+        Refuses, before changing anything, a state without ``exp_avg`` (another optimizer's)
+        and an ``exp_avg`` shaped unlike its parameter.
+        """
+        _check_loadable(state_dict, [p for group in self.param_groups for p in group["params"]])
         super().load_state_dict(state_dict)
-        self._params_seen = []
-        self._sync_state()
+        self._layout.forget()
+        self._average.adopt(self.state, self.units.count)
+
+    def logical_params(self) -> list[list[Tensor]]:
+        """The model parameters each param group trains, as the model holds them (the bit16
+        parameters under ZeRO, whose groups hold flat partitions)."""
+        if isinstance(self._layout, ParamLayout):
+            return [list(group["params"]) for group in self.param_groups]
+        return [[p for p in ps if p is not None] for ps in self.original_params()]
+
+    def fragments(self) -> list[Fragment]:
+        """This rank's piece of every parameter it trains, with ``exp_avg``: what checkpoints save and load."""
+        self._layout.init_state(self.param_groups, self.state, self.original_params(), self.units)
+        return self._layout.fragments(self.param_groups, self.state, self.original_params(), self.units)
+
+    def refresh(self) -> None:
+        """Make the model compute with values just written into :meth:`fragments` (collective under ZeRO)."""
+        self._layout.refresh()
+
+    def reset_state(self) -> None:
+        """Zero every ``exp_avg`` and the agreement averages: a fresh-state restart."""
+        for fragment in self.fragments():
+            fragment.exp_avg.zero_()
+        self._average.load(None, self.state, torch.device("cpu"))
+
+    def agreement_average(self) -> Optional[Tensor]:
+        """The per-unit agreement averages (host float32, by unit), ``None`` before any step or load."""
+        return self._average.values()
+
+    def load_agreement_average(self, values: Optional[Tensor]) -> None:
+        """Replace the per-unit agreement averages (``None``: start them afresh)."""
+        if values is not None and tuple(values.shape) != (self.units.count,):
+            raise ValueError(
+                f"agreement averages for {self.units.count} units expected, got shape {tuple(values.shape)}")
+        fragments = self.fragments()
+        device = fragments[0].exp_avg.device if fragments else torch.device("cpu")
+        self._average.load(values, self.state, device)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The values a checkpoint records: :data:`HYPERPARAMETERS` and each group's lr, betas, weight decay."""
+        return {**{k: getattr(self, k) for k in HYPERPARAMETERS},
+                "groups": [{k: group[k] for k in GROUP_HYPERPARAMETERS} for group in self._groups]}
+
+    def set_hyperparameters(self, values: dict[str, Any]) -> None:
+        """Set copyable optimizer values and per-group ones (``groups``: ``{index: {key: value}}``), checked first."""
+        scalars = {k: v for k, v in values.items() if k in COPYABLE_HYPERPARAMETERS}
+        unknown = set(values) - set(scalars) - {"groups"}
+        if unknown:
+            raise ValueError(f"set_hyperparameters: not settable: {sorted(unknown)}")
+        groups = values.get("groups", {})
+        merged = {i: {**self._groups[i], **changes} for i, changes in groups.items()}
+        for group in merged.values():
+            group["betas"] = tuple(group["betas"])
+            check_group_values(group)
+        check_optimizer_values(scalars.get("pow", self.pow))
+        check_choice("negative", scalars.get("negative", self.negative), NEGATIVES)
+        if not scalars.get("initial_lr", self.initial_lr) > 0:
+            raise ValueError(f"initial_lr must be > 0, got {scalars['initial_lr']!r}")
+        for k, v in scalars.items():
+            setattr(self, k, v)
+        for i, group in merged.items():
+            for k in GROUP_HYPERPARAMETERS:
+                self._groups[i][k] = group[k]
+        if self.agreement_ema:
+            self._check_ema_betas(self.units)
 
     # -- the step --------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        if self._layout is not None:
-            return self._layout.step(closure)
+        """One LionSF step of every parameter with a gradient; collective over the ranks sharing a unit."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._sync_state()
-        segments = param_segments(self.param_groups, self.state, self.units)
+        units = self.units
+        self._layout.init_state(self.param_groups, self.state, self.original_params(), units)
+        segments = self._layout.segments(self.param_groups, self.state, units)
+        if segments is None:
+            return loss  # a ZeRO engine step is still being collected
         if segments:
-            scale, keep = self.unit_scales(segments)
-            self.apply(segments, scale, keep)
+            scale, keep = self._scales(segments)
+            self._apply(segments, scale, keep)
+        self._layout.finish()
         return loss
 
-    def unit_scales(self, segments: list[Segment]) -> tuple[Tensor, Tensor]:
+    def _scales(self, segments: list[Segment]) -> tuple[Tensor, Tensor]:
         """Count, reduce and turn into per-unit ``(scale, keep)`` the agreement of ``segments``.
 
         Collective over every rank holding a piece of these segments' parameters; stores
@@ -235,95 +301,97 @@ class LionSF(Optimizer):
         """
         plan = self._plan(segments)
         counted = [s for s in segments if s.counted and s.p.numel() > 0]
-        slotted = torch.zeros(len(plan.groups), self.units.count, 3, dtype=torch.int64, device=plan.device)
+        slotted = torch.zeros(len(plan.process_groups), self.units.count, 3, dtype=torch.int64, device=plan.device)
         if counted:
             rows = self._kernel.count([s.m for s in counted], [s.g for s in counted],
-                                      tuple(s.group["betas"][0] for s in counted))
+                                      tuple(s.param_group["betas"][0] for s in counted))
             rows = torch.cat((rows[:, :1], plan.numel, rows[:, 1:]), dim=1)
             slotted.view(-1, 3).index_add_(0, plan.row_index, rows)
-        totals = reduce_counts(slotted, plan.groups)
-        ema, ema_betas = self._ema_state(plan.device) if self.agreement_ema else (None, None)
-        agreement, scale, keep = unit_scales(totals, self.pow, self.negative, ema, ema_betas)
+        totals = reduce_counts(slotted, plan.process_groups)
+        if self.agreement_ema:
+            ema = self._average.vector(self.state, self.units.count, plan.device)
+            agreement, scale, keep = scales_from_counts(totals, self.pow, self.negative, ema,
+                                                        self._ema_betas(plan.device))
+        else:
+            agreement, scale, keep = scales_from_counts(totals, self.pow, self.negative)
         self.last_agreement, self.last_scale = agreement, scale
         self.last_skipped = ((totals[:, 1] > 0) & ~keep).sum()
         return scale, keep
 
-    def apply(self, segments: list[Segment], scale: Tensor, keep: Tensor) -> None:
-        """Apply the update to ``segments`` with per-unit ``scale`` and ``keep`` from :meth:`unit_scales`."""
+    def _apply(self, segments: list[Segment], scale: Tensor, keep: Tensor) -> None:
+        """Apply the update to ``segments`` with per-unit ``scale`` and ``keep`` from :meth:`_scales`."""
         live = [s for s in segments if s.p.numel() > 0]
         if not live:
             return
-        device = live[0].p.device
-        host = []
-        for s in live:
-            lr, wd = s.group["lr"], s.group["weight_decay"]
-            wd_eff = wd / self.initial_lr if self.decoupled_wd else wd
-            host.append((-lr, 1.0 - lr * wd_eff, s.unit))
-        table = torch.tensor(host, dtype=torch.float64).to(device)
+        table = self._hyper_table(live)
         unit = table[:, 2].long()
         keep_seg = keep[unit]
         step_size = table[:, 0].float() * scale[unit]
         decay = torch.where(keep_seg, table[:, 1].float(), 1.0)
         self._kernel.apply([s.p for s in live], [s.m for s in live], [s.g for s in live], step_size, decay, keep_seg,
-                           tuple(s.group["betas"][0] for s in live), tuple(s.group["betas"][1] for s in live))
+                           tuple(s.param_group["betas"][0] for s in live),
+                           tuple(s.param_group["betas"][1] for s in live))
+
+    def _hyper_table(self, live: list[Segment]) -> Tensor:
+        """Per segment ``[-lr, 1 - lr * wd_eff, unit]`` on the device, rebuilt only when a value changes."""
+        rows = []
+        for s in live:
+            lr, wd = s.param_group["lr"], s.param_group["weight_decay"]
+            wd_eff = wd / self.initial_lr if self.decoupled_wd else wd
+            rows.append((-lr, 1.0 - lr * wd_eff, s.unit))
+        key = tuple(rows)
+        if self._hyper is None or self._hyper[0] != key:
+            self._hyper = (key, _to_device(torch.tensor(rows, dtype=torch.float64), live[0].p.device))
+        return self._hyper[1]
+
+    def _ema_betas(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Each unit's ``(beta1, beta2)`` (those of its first parameter's group) on the device."""
+        key = tuple(tuple(self._groups[g]["betas"]) for g in self.units.first_group)
+        if self._unit_betas is None or self._unit_betas[0] != key:
+            betas = _to_device(torch.tensor(key, dtype=torch.float32).view(-1, 2), device)
+            self._unit_betas = (key, (betas[:, 0], betas[:, 1]))
+        return self._unit_betas[1]
 
     def _plan(self, segments: list[Segment]) -> _Plan:
-        key = tuple((s.unit, id(s.reduce_group), s.counted, s.p.numel()) for s in segments)
+        key = tuple((s.unit, id(s.process_group), s.counted, s.p.numel()) for s in segments)
         plan = self._plans.get(key)
         if plan is None:
             groups: dict[int, Optional[dist.ProcessGroup]] = {id(None): None}
             for s in segments:
-                groups.setdefault(id(s.reduce_group), s.reduce_group)
+                groups.setdefault(id(s.process_group), s.process_group)
             slot = {k: i for i, k in enumerate(groups)}
             counted = [s for s in segments if s.counted and s.p.numel() > 0]
             device = segments[0].p.device
             n_units = self.units.count
             plan = _Plan(
                 device=device,
-                groups=list(groups.values()),
-                row_index=torch.tensor([slot[id(s.reduce_group)] * n_units + s.unit for s in counted],
-                                       dtype=torch.int64, device=device),
-                numel=torch.tensor([[s.p.numel()] for s in counted], dtype=torch.int64, device=device).view(-1, 1),
+                process_groups=list(groups.values()),
+                row_index=_to_device(torch.tensor([slot[id(s.process_group)] * n_units + s.unit for s in counted],
+                                                  dtype=torch.int64), device),
+                numel=_to_device(torch.tensor([s.p.numel() for s in counted], dtype=torch.int64).view(-1, 1), device),
             )
             self._plans = {key: plan}
         return plan
 
-    def _ema_state(self, device: torch.device) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """The per-unit agreement average as one vector, mirrored in each parameter's state."""
-        if self._layout is not None:
-            return self._layout.ema_state(device)
-        units = self.units
-        first: dict[int, tuple[dict, dict]] = {}
-        for group, ids in zip(self.param_groups, units.ids):
-            for p, u in zip(group["params"], ids):
-                first.setdefault(u, (self.state[p], group))
-        fresh = self._ema is None or any(
-            "agreement_ema" not in self.state[p] or self.state[p]["agreement_ema"]._base is not self._ema
-            for p in self._current_params()
-        )
-        if fresh:
-            values = [first[u][0].get("agreement_ema", torch.zeros(())).float().to(device) for u in range(units.count)]
-            self._ema = torch.stack(values) if values else torch.zeros(0, device=device)
-            for group, ids in zip(self.param_groups, units.ids):
-                for p, u in zip(group["params"], ids):
-                    self.state[p]["agreement_ema"] = self._ema[u]
-        betas = torch.tensor([first[u][1]["betas"] for u in range(units.count)], dtype=torch.float32, device=device)
-        return self._ema, (betas[:, 0], betas[:, 1])
+
+def _check_loadable(state_dict: dict[str, Any], params: list[Tensor]) -> None:
+    """Raise ``ValueError`` unless ``state_dict`` holds a LionSF state that fits ``params`` (by position)."""
+    ids = [i for group in state_dict.get("param_groups", []) for i in group.get("params", [])]
+    state = state_dict.get("state", {})
+    for i, p in zip(ids, params):
+        entry = state.get(i)
+        if entry is None:
+            continue
+        if "exp_avg" not in entry or not set(entry) <= set(STATE_KEYS):
+            raise ValueError(f"load_state_dict: the state of parameter {i} holds {sorted(entry)}, a LionSF state "
+                             f"holds {list(STATE_KEYS)}: another optimizer's state?")
+        if tuple(entry["exp_avg"].shape) != tuple(p.shape):
+            raise ValueError(f"load_state_dict: exp_avg of parameter {i} has shape {tuple(entry['exp_avg'].shape)}, "
+                             f"the parameter {tuple(p.shape)}: a state of another model?")
 
 
-def _check_group_values(betas: tuple[float, float], weight_decay: float) -> None:
-    if len(betas) != 2 or not all(0.0 <= b <= 1.0 for b in betas):
-        raise ValueError(f"betas must be two numbers in [0, 1], got {betas}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-
-
-def _follow(old: Optional[Tensor], p: Tensor) -> Tensor:
-    """``exp_avg`` for ``p``: ``old`` re-laid out like ``p`` when it has ``p``'s logical shape, else zeros."""
-    if old is None or old.shape != p.shape:
-        return torch.zeros_like(p, memory_format=torch.preserve_format)
-    if isinstance(p, DTensor):
-        full = old.full_tensor() if isinstance(old, DTensor) else old
-        return distribute_tensor(full.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
-    full = old.full_tensor() if isinstance(old, DTensor) else old
-    return full.to(dtype=p.dtype, device=p.device).clone()
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """``host`` on ``device`` without blocking the host: through pinned memory for an accelerator."""
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)

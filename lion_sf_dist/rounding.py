@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from lion_sf_dist._torch_private import version as tensor_version
+
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
@@ -108,13 +110,12 @@ class IndexMap:
                 return torch.arange(self.base + start, self.base + start + n, dtype=torch.int64, device=device)
             return torch.arange(start, start + n, dtype=torch.int64, device=device) * strides[0] + self.base
         j = torch.arange(start, start + n, dtype=torch.int64, device=device)
-        idx = None
-        inner = 1
-        for size, stride in reversed(list(zip(sizes, strides))):
-            term = (j // inner) % size * stride if inner > 1 else j % size * stride
-            idx = term if idx is None else idx + term
+        idx = j % sizes[-1] * strides[-1] + self.base
+        inner = sizes[-1]
+        for size, stride in reversed(list(zip(sizes[:-1], strides[:-1]))):
+            idx = idx + (j // inner) % size * stride
             inner *= size
-        return idx + self.base
+        return idx
 
 
 class Rounding:
@@ -134,29 +135,29 @@ class Rounding:
         self.step = step
         self.ids = tuple(ids)
         self.index = tuple(index)
-        self._base: Optional[Tensor] = None
+        self._base_keys: Optional[Tensor] = None
         self._keys: Optional[tuple[int, Tensor]] = None
 
     def base_keys(self) -> Tensor:
         """``[S, 2]`` int64 on the step's device: a key per segment and stream (0: ``p``, 1: ``exp_avg``)."""
-        if self._base is None:
+        if self._base_keys is None:
             host = [[mix64_int(mix64_int(self.seed * 4 + stream) ^ (tid * _GOLDEN)) for stream in (0, 1)]
                     for tid in self.ids]
             cpu = torch.tensor(host, dtype=torch.int64).view(len(self.ids), 2)
             if self.step.device.type == "cuda":
                 cpu = cpu.pin_memory()
-            self._base = cpu.to(self.step.device, non_blocking=True)
-        return self._base
+            self._base_keys = cpu.to(self.step.device, non_blocking=True)
+        return self._base_keys
 
     def keys(self) -> Tensor:
         """``[S, 2]`` int64: this step's keys (mixed with ``step``), computed once per step value."""
-        version = self.step._version
+        version = tensor_version(self.step)
         if self._keys is None or self._keys[0] != version:
             self._keys = (version, step_keys(self.base_keys(), self.step))
         return self._keys[1]
 
     def bits(self, seg: int, stream: int, start: int, shape: torch.Size, device: torch.device) -> Tensor:
-        """16 random bits (int64 in ``[0, 2**16)``), shaped ``shape``, for local flat positions ``start ..`` of ``seg``."""
+        """16 random bits (int64 in ``[0, 2**16)``) shaped ``shape``, for local positions ``start ..`` of ``seg``."""
         n = 1
         for s in shape:
             n *= s

@@ -1,4 +1,4 @@
-"""Agreement units: which elements share one sign-agreement scale (SPEC section 2).
+"""Agreement units: which elements share one sign-agreement scale (docs/CONTRACT.md section 3).
 
 A unit assignment is made from the optimizer's param groups by position (group index,
 index in the group), so it survives frameworks that swap the parameter tensors in
@@ -10,15 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-AGREEMENTS = ("tensor", "module", "group", "global")
+from lion_sf_dist.options import AGREEMENTS, Agreement, check_choice
 
 
 @dataclass(frozen=True)
 class Units:
-    """``ids[i][j]``: unit of parameter ``j`` of group ``i``; ``names[u]``: a readable name of unit ``u``."""
+    """``ids[i][j]``: unit of parameter ``j`` of group ``i``; ``names[u]``: a readable name of unit ``u``;
+    ``first_group[u]``: the param group of the unit's first parameter (whose betas its agreement average uses)."""
 
     ids: tuple[tuple[int, ...], ...]
     names: tuple[str, ...]
+    first_group: tuple[int, ...]
 
     @property
     def count(self) -> int:
@@ -29,15 +31,14 @@ def _module_of(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def assign_units(param_groups: Sequence[dict[str, Any]], agreement: str) -> Units:
+def assign_units(param_groups: Sequence[dict[str, Any]], agreement: Agreement) -> Units:
     """Assign every parameter of ``param_groups`` to a unit, in parameter order.
 
     ``"module"`` pools parameters whose names share the prefix before the last ``.``
     (across param groups) and so needs ``param_names`` in every group, which
     ``torch.optim.Optimizer`` records when given ``model.named_parameters()``.
     """
-    if agreement not in AGREEMENTS:
-        raise ValueError(f"agreement must be one of {AGREEMENTS}, got {agreement!r}")
+    check_choice("agreement", agreement, AGREEMENTS)
     if agreement == "module":
         missing = [i for i, g in enumerate(param_groups) if g["params"] and "param_names" not in g]
         if missing:
@@ -46,6 +47,7 @@ def assign_units(param_groups: Sequence[dict[str, Any]], agreement: str) -> Unit
                 "pass model.named_parameters() (or (name, tensor) pairs) instead of model.parameters()"
             )
     names: dict[str, int] = {}
+    first_group: list[int] = []
     ids = []
     for gi, group in enumerate(param_groups):
         row = []
@@ -60,6 +62,9 @@ def assign_units(param_groups: Sequence[dict[str, Any]], agreement: str) -> Unit
                 key = f"group{gi}"
             else:
                 key = "global"
-            row.append(names.setdefault(key, len(names)))
+            if key not in names:
+                names[key] = len(names)
+                first_group.append(gi)
+            row.append(names[key])
         ids.append(tuple(row))
-    return Units(ids=tuple(ids), names=tuple(names))
+    return Units(ids=tuple(ids), names=tuple(names), first_group=tuple(first_group))

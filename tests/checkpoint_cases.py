@@ -74,9 +74,10 @@ def full_state(model: nn.Module, opt: Optional[torch.optim.Optimizer]) -> dict[s
     if opt is not None:
         names = dict((id(p), n) for n, p in inner.named_parameters())
         out["exp_avg"] = {names[id(p)]: _full(s["exp_avg"]) for p, s in opt.state.items()}
-        ema = {names[id(p)]: s["agreement_ema"].clone() for p, s in opt.state.items() if "agreement_ema" in s}
-        if ema:
-            out["ema"] = ema
+        averages = opt.agreement_average()
+        if averages is not None:
+            out["ema"] = {names[id(p)]: averages[unit] for ps, ids in zip(opt.logical_params(), opt.units.ids)
+                          for p, unit in zip(ps, ids)}
     return out
 
 

@@ -67,18 +67,16 @@ def engine_state(eng: Any) -> dict[str, Any]:
 
 
 def engine_ema(eng: Any) -> dict[str, torch.Tensor]:
-    """Each parameter's unit's agreement average: from the per-unit vector every ZeRO 1-3 partition's
-    state holds, or (ZeRO-0) from the LionSF's per-parameter state; zero where none is held yet."""
+    """Each parameter's unit's agreement average (zero where none is held yet)."""
     from lion_sf_dist import LionSF
 
     opt = eng.optimizer if isinstance(eng.optimizer, LionSF) else eng.optimizer.optimizer
     names = {id(p): n for n, p in eng.module.named_parameters()}
-    vectors = [v for st in opt.state.values() if (v := st.get("agreement_ema")) is not None and v.dim() == 1]
+    averages = opt.agreement_average()
     out = {}
     for params, ids in zip(opt.original_params(), opt.units.ids):
         for p, unit in zip(params, ids):
-            own = opt.state.get(p, {}).get("agreement_ema", torch.zeros(()))
-            out[names[id(p)]] = (vectors[0][unit] if vectors else own).float().clone()
+            out[names[id(p)]] = averages[unit].clone() if averages is not None else torch.zeros(())
     return out
 
 

@@ -149,7 +149,9 @@ ACCELERATE = [Case("z2_accelerate", 2, route="accelerate"), Case("z2_accelerate_
 PLAIN = [Case("z1_plain", 1, route="plain"), Case("z3_plain", 3, route="plain")]
 LAUNCH_CASES = [Case(f"launch_zero{s}", s, route="json", agreement="tensor", two_groups=False) for s in (1, 2, 3)]
 RESUMES = [Case(f"z{s}_resume", s, route="resume") for s in (1, 2, 3)] + [
-    Case("z3_ema_resume", 3, route="resume", ema=True, sub_group_size=8, two_groups=False)]
+    Case("z3_ema_resume", 3, route="resume", ema=True, sub_group_size=8, two_groups=False),
+    # the engine loads its checkpoint before attach (as HF Trainer does), then attach runs twice
+    Case("z2_resume_attach_late", 2, route="resume_late", ema=True)]
 # bf16 without ZeRO: DeepSpeed wraps the optimizer in its own flat-partition optimizer.
 UNSUPPORTED = [Case("z0_bf16", 0, route="unsupported", bf16=True)]
 

@@ -7,6 +7,7 @@ parameters and ``exp_avg`` gathered from the ranks' partitions.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any, Optional
@@ -62,11 +63,13 @@ def build(case: Case, world: int) -> tuple[Any, Any]:
 
 
 def gather_fragments(engine: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Full params, exp_avg and per-element coverage counts rebuilt from every rank's ``zero_fragments``."""
-    from lion_sf_dist.layouts.zero import zero_fragments
+    """Full params, exp_avg and per-element coverage counts rebuilt from every rank's ``LionSF.fragments()``."""
+    from lion_sf_dist import LionSF
 
-    mine = [(f.name, tuple(f.shape), f.offset, f.param.clone(), f.exp_avg.clone(), f.replicated)
-            for f in zero_fragments(engine)]
+    opt = engine.optimizer if isinstance(engine.optimizer, LionSF) else engine.optimizer.optimizer
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    mine = [(names[id(f.param)], tuple(f.shape), f.offset, f.data.reshape(-1).clone(), f.exp_avg.reshape(-1).clone(),
+             f.whole) for f in opt.fragments()]
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     params, exp_avg, cover = {}, {}, {}
@@ -107,7 +110,7 @@ def gather_deepspeed(engine: Any, opt: Any, use_state: bool) -> tuple[dict, dict
 
 def run_case(case: Case, world: int) -> dict[str, Any]:
     REDUCTIONS.clear()
-    if case.route == "resume":
+    if case.route in ("resume", "resume_late"):
         return resume_case(case, world)
     if case.route == "unsupported":
         try:
@@ -127,7 +130,7 @@ def run_case(case: Case, world: int) -> dict[str, Any]:
     REDUCTIONS.clear()  # count the engine's steps only
     replays = record_steps(engine, opt) if case.replay else None
     if case.local_counts:
-        for part in opt._layout.partitions:
+        for part in opt.layout.partitions:
             part.process_group = None  # the control: count only this rank's elements
     error = None
     weight = dict(engine.module.named_parameters())["0.weight"]
@@ -173,8 +176,15 @@ def resume_case(case: Case, world: int) -> dict[str, Any]:
     engine.save_checkpoint(holder[0], tag="one")
     _train(engine, range(1, STEPS))
     uninterrupted = gather_fragments(engine)
-    engine, opt = build(case, world)
-    engine.load_checkpoint(holder[0], tag="one")
+    if case.route == "resume_late":
+        from lion_sf_dist import deepspeed as lds
+
+        engine, opt = build(dataclasses.replace(case, route="plain"), world)
+        engine.load_checkpoint(holder[0], tag="one")  # LionSF.load_state_dict before any attach
+        assert lds.attach(engine) is opt and lds.attach(engine) is opt  # the second attach changes nothing
+    else:
+        engine, opt = build(case, world)
+        engine.load_checkpoint(holder[0], tag="one")
     _train(engine, range(1, STEPS))
     resumed = gather_fragments(engine)
     dist.barrier()
@@ -185,16 +195,15 @@ def resume_case(case: Case, world: int) -> dict[str, Any]:
     return {"error": None, "uninterrupted": uninterrupted, "resumed": resumed}
 
 
-def _snapshot(layout: Any, names: dict[int, str], grads: bool) -> dict[str, dict[str, torch.Tensor]]:
-    """Full ``p`` (and ``g``), ``m`` of every parameter, gathered from all ranks' partitions."""
-    mine = []
-    for k, part in enumerate(layout.partitions):
-        m = layout.optimizer.state[part.flat]["exp_avg"]
-        g = layout._pending[k].grad if grads else None
-        for f in part.fragments:
-            lo, hi = f.flat_offset, f.flat_offset + f.numel
-            mine.append((names[id(f.param)], f.shape, f.param_offset, part.flat.data[lo:hi].clone(),
-                         None if g is None else g[lo:hi].clone(), m[lo:hi].clone()))
+def _snapshot(layout: Any, segments: list, names: dict[int, str], grads: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """Full ``p`` (and ``g``), ``m`` of every parameter, gathered from all ranks' segments of one engine step.
+
+    The ZeRO layout hands one segment per slice of each partition, in partition and slice order.
+    """
+    slices = [sl for part in layout.partitions for sl in part.slices]
+    assert len(slices) == len(segments)
+    mine = [(names[id(sl.param)], sl.shape, sl.param_offset, seg.p.clone(), seg.g.clone() if grads else None,
+             seg.m.clone()) for sl, seg in zip(slices, segments) if sl.numel]
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     full: dict[str, dict[str, torch.Tensor]] = {}
@@ -210,18 +219,27 @@ def _snapshot(layout: Any, names: dict[int, str], grads: bool) -> dict[str, dict
 
 
 def record_steps(engine: Any, opt: Any) -> list:
-    """Wrap the layout's step of all partitions to log, per engine step, the full tensors before and after."""
-    layout = opt._layout
+    """Wrap the layout to log, per engine step, the full tensors before and after the optimizer's update."""
+    layout = opt.layout
     names = {id(p): n for n, p in engine.module.named_parameters()}
-    real = layout._step_all
+    real_segments, real_finish = layout.segments, layout.finish
     log: list = []
+    current: list = []
 
-    def logged() -> None:
-        before = _snapshot(layout, names, grads=True)
-        real()
-        log.append((before, _snapshot(layout, names, grads=False)))
+    def segments(*args: Any) -> Any:
+        out = real_segments(*args)
+        if out is not None:
+            current[:] = [out, _snapshot(layout, out, names, grads=True)]
+        return out
 
-    layout._step_all = logged
+    def finish() -> None:
+        real_finish()
+        if current:
+            segs, before = current
+            log.append((before, _snapshot(layout, segs, names, grads=False)))
+            current.clear()
+
+    layout.segments, layout.finish = segments, finish
     return log
 
 
@@ -237,7 +255,7 @@ def finish(case: Case, engine: Any, opt: Any, error: Optional[str]) -> dict[str,
     out: dict[str, Any] = {
         "error": error, "clip": engine.gradient_clipping(), "stage": stage,
         "reductions": list(REDUCTIONS),
-        "partitions": len(opt._layout.partitions) if opt._layout is not None else 0,
+        "partitions": len(getattr(opt.layout, "partitions", [])),
         "missing_attrs": [n for n in attrs if not hasattr(zo, n)],
         "missing_markers": [m for m in markers for p in params if not hasattr(p, m)],
         "flattened": [zi.flattened_by_deepspeed(p) for p in params],

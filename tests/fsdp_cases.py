@@ -109,7 +109,7 @@ def single_process(option: str, nonfinite: bool = False, steps: int = STEPS) -> 
 
 
 def reference(option: str, nonfinite: bool = False) -> dict[str, dict[str, Tensor]]:
-    """The same run through ``tests/reference.py`` (written from SPEC alone)."""
+    """The same run through ``tests/reference.py`` (written from docs/CONTRACT.md alone)."""
     opts = OPTIONS[option]
     names = order([(n, torch.empty(0)) for n in NAMES])
     values = initial()

@@ -1,9 +1,9 @@
-"""A slow LionSF written from the contract (docs/CONTRACT.md) alone: the oracle the library is checked against.
+"""A slow LionSF written from docs/CONTRACT.md alone: the oracle the library is checked against.
 
 Deliberately shares no code with ``lion_sf_dist``: counts are a Python loop over elements,
 units come from names by string rules, scales are computed in float64 and rounded once.
-The two torch expressions the contract pins for rounding (``c`` and ``m``) are written
-as it writes them, so ``exp_avg`` must match bitwise.
+The two torch expressions docs/CONTRACT.md section 2 pins for rounding (``c`` and ``m``) are
+written as the contract writes them, so ``exp_avg`` must match bitwise.
 
 Precision rules: whatever the dtype of ``p``, ``g`` and ``exp_avg``, every expression is
 evaluated on float32 copies and each result is rounded once when stored (to nearest
@@ -20,7 +20,7 @@ import torch
 
 
 def units_of(names: list[str], groups: list[int], agreement: str) -> list[str]:
-    """The unit key of each parameter (SPEC section 2)."""
+    """The unit key of each parameter (docs/CONTRACT.md section 3)."""
     if agreement == "tensor":
         return [f"t{i}" for i in range(len(names))]
     if agreement == "module":
@@ -31,7 +31,7 @@ def units_of(names: list[str], groups: list[int], agreement: str) -> list[str]:
 
 
 class ReferenceLionSF:
-    """Full (unsharded) tensors in, SPEC section 1 out; state kept here."""
+    """Full (unsharded) tensors in, docs/CONTRACT.md section 2 out; state kept here."""
 
     def __init__(self, params, names, groups, hyper, agreement="tensor", pow=1.0, decoupled=False,
                  initial_lr=None, negative="abs", agreement_ema=False):

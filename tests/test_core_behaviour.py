@@ -30,6 +30,10 @@ def set_grads(ps, seed=1):
     (dict(weight_decay=-0.1), "weight_decay"),
     (dict(agreement="layer"), "agreement must be one of"),
     (dict(negative="relu"), "negative must be one of"),
+    (dict(lr=float("inf")), "lr must be > 0 and finite"),
+    (dict(lr=float("nan")), "lr must be > 0 and finite"),
+    (dict(weight_decay=float("inf")), "weight_decay must be >= 0 and finite"),
+    (dict(pow=float("inf")), "pow must be >= 0 and finite"),
 ])
 def test_bad_hyperparameters_name_the_cause(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -41,6 +45,61 @@ def test_bad_group_values_name_the_cause():
         LionSF([{"params": params((3,)), "betas": (0.9, 2.0)}])
     with pytest.raises(ValueError, match="lr must be > 0"):
         LionSF([{"params": params((3,)), "lr": 0.0}])
+
+
+@pytest.mark.parametrize("group", [{"lr": -1.0}, {"betas": (0.9, 5.0)}, {"weight_decay": float("inf")}])
+def test_rejected_param_group_is_not_added(group):
+    """A refused add_param_group leaves nothing behind that a later step would move."""
+    kept, refused = params((3,), (4,))
+    opt = LionSF([kept], lr=0.1)
+    with pytest.raises(ValueError):
+        opt.add_param_group({"params": [refused], **group})
+    assert len(opt.param_groups) == 1 and refused not in opt.state
+    set_grads([kept, refused])
+    before = refused.detach().clone()
+    opt.step()
+    assert torch.equal(refused.detach(), before)
+
+
+def test_group_needing_names_is_not_added():
+    opt = LionSF([("w", params((3,))[0])], agreement="module")
+    with pytest.raises(ValueError, match="names"):
+        opt.add_param_group({"params": params((2,))})
+    assert len(opt.param_groups) == 1 and opt.unit_names == ("<root>",)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64])
+def test_non_float_parameters_refused_at_construction(dtype):
+    odd = torch.zeros(3, dtype=dtype)
+    with pytest.raises(TypeError, match=f"floating-point parameters only.*{dtype}"):
+        LionSF([params((2,))[0], odd])
+
+
+def test_gradient_of_another_shape_is_refused():
+    """Same element count, other shape: stepping it would pair elements with the wrong gradients."""
+    (p,) = params((2, 3))
+    opt = LionSF([p], lr=0.1)
+    p.grad = torch.ones(2, 3)
+    p.grad.data = torch.ones(3, 2)  # torch checks only the assignment of .grad itself
+    with pytest.raises(ValueError, match=r"gradient of shape \(3, 2\).*parameter of shape \(2, 3\)"):
+        opt.step()
+
+
+def test_load_state_dict_refuses_other_optimizers_and_shapes():
+    ps = params((2, 3), (4,))
+    adamw = torch.optim.AdamW(ps)
+    set_grads(ps)
+    adamw.step()
+    opt = LionSF(ps, lr=0.1)
+    before = {p: opt.state[p]["exp_avg"].clone() for p in ps}
+    with pytest.raises(ValueError, match="exp_avg_sq.*another optimizer's state"):
+        opt.load_state_dict(adamw.state_dict())
+    reshaped = copy.deepcopy(opt.state_dict())
+    reshaped["state"][0]["exp_avg"] = torch.ones(3, 2)
+    with pytest.raises(ValueError, match=r"exp_avg of parameter 0 has shape \(3, 2\)"):
+        opt.load_state_dict(reshaped)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.99)  # AdamW's betas were not taken
+    assert all(torch.equal(opt.state[p]["exp_avg"], before[p]) for p in ps)
 
 
 def test_module_agreement_needs_names():
@@ -146,7 +205,8 @@ def test_agreement_ema_state_moves():
     set_grads(ps)
     opt.step()
     a = opt.last_agreement.item()
-    assert opt.state[ps[0]]["agreement_ema"].item() == pytest.approx(0.01 * a, rel=1e-6)
+    assert opt.agreement_average().shape == (1,)  # one unit: one average, the same object in every entry
+    assert opt.state[ps[0]]["agreement_ema"][0].item() == pytest.approx(0.01 * a, rel=1e-6)
     assert opt.last_scale.item() == pytest.approx(abs(0.1 * a), rel=1e-6)
 
 
@@ -170,7 +230,7 @@ def test_closure_and_zero_grad():
 
 
 def test_swapped_parameters_take_their_state_along():
-    """HF Accelerate swaps new tensors into param_groups after construction (SPEC section 5)."""
+    """HF Accelerate swaps new tensors into param_groups after construction (docs/CONTRACT.md section 6)."""
     ps = params((3, 2), (4,))
     opt = LionSF(ps, lr=0.1)
     set_grads(ps)
@@ -187,7 +247,7 @@ def test_swapped_parameters_take_their_state_along():
 
 
 def test_step_reads_no_tensor_value_on_host(monkeypatch):
-    """SPEC section 3: no host-device synchronisation inside step()."""
+    """docs/CONTRACT.md section 4: no host-device synchronisation inside step()."""
     ps = params((4, 3), (7,), (0,))
     opt = LionSF(ps, agreement="group", agreement_ema=True)
     set_grads(ps)

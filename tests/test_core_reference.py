@@ -1,6 +1,6 @@
-"""LionSF against the slow SPEC reference (tests/reference.py) and the lion-pytorch oracle.
+"""LionSF against the slow contract-only reference (tests/reference.py) and the lion-pytorch oracle.
 
-Tolerance on parameters, derived from SPEC section 1: ``u`` and the exact counts are
+Tolerance on parameters, derived from docs/CONTRACT.md section 2: ``u`` and the exact counts are
 bitwise equal, so parameters differ only through the float32 scalar ``lr * s_U`` (the
 library rounds ``A / N``, ``2 a - 1``, ``|a| ** pow`` and ``-lr * s`` to float32, about
 ``(pow + 4)`` roundings of relative size 2**-24; the reference rounds once) and the final
@@ -139,7 +139,8 @@ def test_wrong_formula_is_caught(monkeypatch):
 
 
 def test_lerp_rounding_is_caught(monkeypatch):
-    """SPEC pins ``m.mul_(b2).add_(g, alpha=1 - b2)``; a lerp momentum update must fail the bitwise check."""
+    """docs/CONTRACT.md section 2 pins ``m.mul_(b2).add_(g, alpha=1 - b2)``; a lerp momentum update
+    must fail the bitwise check."""
 
     def apply_lerp(p, m, g, step_size, decay, keep, beta1, beta2):
         u = m.mul(beta1).add_(g, alpha=1.0 - beta1).sign_()
@@ -157,7 +158,7 @@ def test_compiled_path_matches_reference():
     """use_triton=True: the same maths through torch.compile.
 
     Inductor may round ``m * b + g * (1 - b)`` without the fused multiply-add eager torch
-    uses (SPEC section 1 allows either): one extra rounding of ``g * (1 - b)``, at most
+    uses (docs/CONTRACT.md section 2 allows either): one extra rounding of ``g * (1 - b)``, at most
     ``2**-24 * max|g|`` per step in absolute terms (relative error is unbounded where the
     two terms cancel). The parameters keep the tolerance above (``u`` flips only if ``c``
     is within that error of 0, which these seeded data avoid).

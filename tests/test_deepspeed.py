@@ -2,7 +2,7 @@
 
 Every rank feeds the same batch, so the gradient the engine averages equals the
 single-process gradient up to rounding; after ``STEPS`` steps the full parameters and
-``exp_avg`` (rebuilt from every rank's partitions by ``zero_fragments``, and independently
+``exp_avg`` (rebuilt from every rank's partitions by ``LionSF.fragments()``, and independently
 from the model's all-gathered parameters / ``safe_get_full_fp32_param`` /
 ``safe_get_full_optimizer_state``) must match single-process LionSF.
 

@@ -1,4 +1,6 @@
-"""FSDP2, HSDP and tensor parallel: sharded LionSF equals single-process LionSF bit for bit (SPEC 3-5).
+"""FSDP2, HSDP and tensor parallel: sharded LionSF equals single-process LionSF bit for bit.
+
+What is promised: docs/CONTRACT.md sections 4-6.
 
 Each world size is one spawned gloo job (``tests/fsdp_worker.py:all_cases``) that runs every
 layout and option with full gradients sliced onto the shards; the tests below read its
@@ -56,7 +58,7 @@ def test_sharded_equals_single_process(world: int, layout: str, option: str) -> 
 
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_single_process_matches_reference(option: str) -> None:
-    """The single-process run the sharded ones equal matches the SPEC-only reference:
+    """The single-process run the sharded ones equal matches the contract-only reference:
     exp_avg bitwise, parameters to float32 rounding of the scalar step (tests/reference.py)."""
     for nonfinite in (False, True):
         ours, ref = expected(option, nonfinite), reference(option, nonfinite)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--layers", "1", "--width", "32", "--heads", "2", "--block", "32", "--batch-size", "8",
@@ -31,10 +32,16 @@ def run(nproc: int, *args: str, extra: tuple[str, ...] = ()) -> subprocess.Compl
     return proc
 
 
-def rows(out: Path) -> list[dict[str, float]]:
-    """metrics.csv as numbers; a last line still being written by a live run is left out."""
+def rows(out: Path, *, evaluations_only: bool = True) -> list[dict[str, float | None]]:
+    """metrics.csv as numbers, ``val_loss`` None in a row without an evaluation.
+
+    ``evaluations_only`` keeps the rows with a validation loss. A last line still being
+    written by a live run is left out.
+    """
     with open(out / "metrics.csv") as f:
-        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f) if None not in r.values() and all(r.values())]
+        complete = [r for r in csv.DictReader(f) if None not in r.values() and r["world_size"]]
+    parsed = [{k: float(v) if v else None for k, v in r.items()} for r in complete]
+    return [r for r in parsed if r["val_loss"] is not None] if evaluations_only else parsed
 
 
 def workers_of(pid: int) -> list[int]:
@@ -82,6 +89,34 @@ def test_every_engine_trains_in_one_process(engine, tmp_path):
     assert [x["world_size"] for x in r] == [1, 1] and r[-1]["val_loss"] < r[0]["val_loss"]
 
 
+def test_log_every_rows_between_evaluations_and_a_summary_line(tmp_path):
+    proc = run(1, "--steps", "20", "--log-every", "5", "--eval-every", "10", "--checkpoint-every", "0",
+               "--out", str(tmp_path))
+    r = rows(tmp_path, evaluations_only=False)
+    assert [x["step"] for x in r] == [5, 10, 15, 20]
+    assert [x["val_loss"] is None for x in r] == [True, False, True, False]
+    assert all(x["loss"] > 0 and 0.0 <= x["scale_mean"] <= 1.0 and x["tokens_per_s"] > 0 for x in r)
+    summary = re.fullmatch(r"train\.py: step 20: final val loss (\S+), (\d+) tokens/s, checkpoint (\S+)",
+                           proc.stdout.strip().splitlines()[-1])
+    assert summary, proc.stdout
+    assert float(summary.group(1)) == pytest.approx(r[-1]["val_loss"], abs=1e-4)
+    assert Path(summary.group(3)).parent == tmp_path / "checkpoints" and Path(summary.group(3)).is_dir()
+
+
+def test_use_triton_reaches_lionsf():
+    sys.path.insert(0, str(ROOT / "launch"))
+    try:
+        import train
+    finally:
+        sys.path.remove(str(ROOT / "launch"))
+    from lion_sf_dist import LionSF
+
+    for flags, wanted in (([], False), (["--use-triton"], True)):
+        options = train.lionsf_options(train.parse(flags))
+        assert options["use_triton"] is wanted
+        LionSF(torch.nn.Linear(2, 2).named_parameters(), **options)  # every option is one LionSF takes
+
+
 def test_fresh_run_starts_a_new_log_and_resume_appends(tmp_path):
     for _ in range(2):
         run(1, "--steps", "10", "--eval-every", "5", "--out", str(tmp_path))
@@ -119,6 +154,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--log-every", "0"], "--log-every must be >= 1"),
     (["--engine", "fsdp2", "--zero-stage", "3"], "--zero-stage is a DeepSpeed setting"),
     (["--width", "30", "--heads", "4"], "--width a multiple of --heads"),
 ])

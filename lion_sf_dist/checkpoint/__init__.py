@@ -1,4 +1,4 @@
-"""Sharded, resharding, atomic checkpoints of a model and its LionSF (SPEC sections 5-7).
+"""Sharded, resharding, atomic checkpoints of a model and its LionSF (docs/CONTRACT.md).
 
 Usage (every rank of the job calls both; without a process group they run in one process)::
 
@@ -34,7 +34,7 @@ the saved ones, ``hparams="error"`` refuses. ``save_async`` returns once this ra
 is copied to host memory and writes it on a background thread.
 """
 
-from lion_sf_dist.checkpoint.api import latest, load, save
+from lion_sf_dist.checkpoint.api import latest, load, save, save_async
 from lion_sf_dist.checkpoint.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -42,7 +42,7 @@ from lion_sf_dist.checkpoint.errors import (
     ModelMismatchError,
     OptimizerMismatchError,
 )
-from lion_sf_dist.checkpoint.pending import PendingSave, save_async
+from lion_sf_dist.checkpoint.pending import PendingSave
 
 __all__ = [
     "save", "save_async", "load", "latest", "PendingSave",

@@ -14,13 +14,15 @@ from typing import Any, Iterator, Optional, Union
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from lion_sf_dist.checkpoint import comm, meta, pending, store
-from lion_sf_dist.checkpoint.collect import Snapshot, copied, dcp_state, is_engine, optimizer_of, snapshot
-from lion_sf_dist.checkpoint.fragments import Fragments
+from lion_sf_dist.checkpoint.collect import Snapshot, copied, dcp_state, optimizer_of, snapshot
 from lion_sf_dist.checkpoint.errors import CheckpointCorruptError, CheckpointError
+from lion_sf_dist.checkpoint.meta import HparamPolicy
+from lion_sf_dist.engines import is_deepspeed_engine, lionsf_of
+from lion_sf_dist.optimizer import LionSF
 
 PathLike = Union[str, Path]
 
@@ -92,7 +94,8 @@ def write(job: Prepared, group: Optional[dist.ProcessGroup] = None) -> Path:
             dcp.save(job.state, storage_writer=dcp.FileSystemWriter(str(job.tmp)), process_group=group,
                      no_dist=not comm.distributed())
     except CheckpointException as e:  # a BaseException in DCP: turned into an ordinary error, on every rank
-        raise CheckpointError(f"writing checkpoint {str(job.final)!r} failed (the previous one is untouched): {e}") from e
+        raise CheckpointError(
+            f"writing checkpoint {str(job.final)!r} failed (the previous one is untouched): {e}") from e
 
     def seal() -> None:
         store.write_durable(job.tmp / store.META, json.dumps(job.description, indent=1).encode())
@@ -103,13 +106,26 @@ def write(job: Prepared, group: Optional[dist.ProcessGroup] = None) -> Path:
     return job.final
 
 
+def save_async(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+               extra: Any = None, *, keep: Optional[int] = 3) -> pending.PendingSave:
+    """:func:`save` that returns once the state is copied; collective.
+
+    Training may go on at once (the copy is written); call ``.wait()`` on the result (or any
+    later ``save``/``load``, which wait) before relying on the checkpoint. Trade-off: one
+    extra host copy of this rank's parameters and optimizer state while the write runs.
+    """
+    pending.wait_previous()
+    job = prepare(path, model, optimizer, extra, keep, copy=True)
+    return pending.start(job.final, lambda group: write(job, group))
+
+
 def latest(path: PathLike) -> Path:
     """The newest complete checkpoint directory under ``path`` (or ``path`` itself if it is one)."""
     return store.resolve(Path(path))
 
 
 def load(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
-         optimizer_state: bool = True, hparams: str = "running", weights_only: bool = True) -> Any:
+         optimizer_state: bool = True, hparams: HparamPolicy = "running", weights_only: bool = True) -> Any:
     """Restore ``model`` (and ``optimizer``) in place from a checkpoint; collective; returns ``extra``.
 
     ``path`` is a root directory given to :func:`save` (its newest complete checkpoint is
@@ -148,9 +164,12 @@ def load(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
     hot = optimizer_state and optimizer is not None
     snap = snapshot(model, optimizer)
     meta.check_model(saved, snap, where)
+    changes: dict[str, Any] = {}
     if hot:
+        assert optimizer is not None
         meta.check_optimizer(saved, snap, optimizer, where)
-        meta.reconcile(saved, snap, optimizer, hparams, where)
+        assert isinstance(optimizer, LionSF)  # check_optimizer refuses other classes
+        changes = meta.reconcile(saved, snap, optimizer, hparams, where)
         _prepare_ema(snap, saved, optimizer)
     state = dcp_state(snap, optimizer_state=hot)
     try:
@@ -158,14 +177,15 @@ def load(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
             dcp.load(state, storage_reader=dcp.FileSystemReader(str(ckpt)), no_dist=not comm.distributed())
     except (CheckpointException, RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
         raise CheckpointCorruptError(f"{where}: reading the tensors failed: {e}") from e
-    if hot:
-        _install_ema(snap, optimizer, model)
-    elif optimizer is not None:
-        _fresh_state(snap, optimizer)
-    if is_engine(model):
-        from lion_sf_dist.checkpoint.zero import refresh
-
-        refresh(model)
+    if isinstance(optimizer, LionSF):
+        if hot:
+            _install_ema(snap, optimizer)
+            if changes:
+                optimizer.set_hyperparameters(changes)
+        else:
+            optimizer.reset_state()
+    if is_deepspeed_engine(model):
+        lionsf_of(model).refresh()
     return _unpickle(extra_bytes, weights_only, where)
 
 
@@ -196,38 +216,26 @@ def _unpickle(data: bytes, weights_only: bool, where: str) -> Any:
                               "pass weights_only=False to load(), for a checkpoint you trust") from e
 
 
-def _prepare_ema(snap: Snapshot, saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
-    """Load targets for the saved per-unit agreement averages the running optimizer uses."""
+def _prepare_ema(snap: Snapshot, saved: dict[str, Any], optimizer: LionSF) -> None:
+    """Load targets for the saved agreement averages of the parameters the running optimizer trains."""
     stored = set(saved["optimizer"].get("agreement_ema_state", []))
-    wanted = getattr(optimizer, "agreement_ema", False)
     held = {n for names in snap.optimizer_names for n in names}
-    snap.ema = {n: torch.zeros((), dtype=torch.float32) for n in held & stored} if wanted else {}
+    snap.ema = {n: torch.zeros((), dtype=torch.float32) for n in held & stored} if optimizer.agreement_ema else {}
 
 
-def _install_ema(snap: Snapshot, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
-    """Hand the loaded agreement averages to the optimizer (replacing any it held)."""
-    if not getattr(optimizer, "agreement_ema", False):
+def _install_ema(snap: Snapshot, optimizer: LionSF) -> None:
+    """Hand the loaded averages to the optimizer: each unit takes its first parameter's (none saved: fresh)."""
+    if not optimizer.agreement_ema:
         return
-    if is_engine(model):
-        from lion_sf_dist.checkpoint.zero import install_ema
-
-        if install_ema(model, snap.ema):
-            return
-    by_name = _params_by_name(snap, optimizer)
-    for p in by_name.values():
-        optimizer.state[p].pop("agreement_ema", None)
-    for name, value in snap.ema.items():
-        optimizer.state[by_name[name]]["agreement_ema"] = value
-
-
-def _fresh_state(snap: Snapshot, optimizer: torch.optim.Optimizer) -> None:
-    """Zero ``exp_avg`` and drop the agreement averages: the optimizer starts afresh."""
-    for value in snap.exp_avg.values():
-        for t in ([flat for _, flat in value.pieces] if isinstance(value, Fragments) else [value]):
-            t.zero_()
-    for state in optimizer.state.values():
-        state.pop("agreement_ema", None)
-
-
-def _params_by_name(snap: Snapshot, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    return {n: p for names, g in zip(snap.optimizer_names, optimizer.param_groups) for n, p in zip(names, g["params"])}
+    if not snap.ema:
+        optimizer.load_agreement_average(None)
+        return
+    values = torch.zeros(optimizer.units.count, dtype=torch.float32)
+    filled: set[int] = set()
+    for names in snap.optimizer_names:
+        for name in names:
+            unit = snap.unit_of[name]
+            if name in snap.ema and unit not in filled:
+                values[unit] = snap.ema[name]
+                filled.add(unit)
+    optimizer.load_agreement_average(values)

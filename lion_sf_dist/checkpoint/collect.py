@@ -1,26 +1,33 @@
-"""What a model and optimizer hold, per logical parameter name, in the form DCP reads and writes.
+"""What a model and its LionSF hold, per logical parameter name, in the form DCP reads and writes.
 
-Every layout maps to the same logical names and shapes (those of the unwrapped model's
-``named_parameters()``), whatever wraps or shards it:
+One collector for every layout: the parameters the optimizer trains, and their
+``exp_avg``, come from :meth:`LionSF.fragments` (whole tensors, DTensors, or 1-D slices of
+ZeRO's flat fp32 masters); parameters it does not train and buffers come from the model.
+Names are those of the unwrapped model's ``named_parameters()``, whatever wraps or shards
+it, so a checkpoint holds the same logical tensors whatever wrote it:
 
 - single process and DDP: full tensors (DCP writes each replicated tensor once);
 - FSDP2 / HSDP / tensor parallel: DTensors, written shard by shard and resharded on load;
-- ZeRO-style flat partitions: :class:`~lion_sf_dist.checkpoint.fragments.Fragments`,
-  turned into boxes of the logical tensor.
+- ZeRO flat partitions: :class:`~lion_sf_dist.checkpoint.fragments.Fragments`, turned into
+  boxes of the logical tensor.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from lion_sf_dist._torch_private import compiled_inner_module, persistent_buffers
 from lion_sf_dist.checkpoint import comm
 from lion_sf_dist.checkpoint.errors import CheckpointError
 from lion_sf_dist.checkpoint.fragments import Fragments, flat_range_boxes, sharded_tensor
+from lion_sf_dist.engines import is_deepspeed_engine, lionsf_of
+from lion_sf_dist.layouts.zero_internals import logical_shape, partitioned_by_zero3
+from lion_sf_dist.optimizer import LionSF
 
 Local = Union[Tensor, Fragments]
 _WRAPPER_TOKENS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
@@ -31,8 +38,9 @@ class Snapshot:
     """Local references to a model's and optimizer's tensors, by logical name.
 
     ``params``, ``buffers`` and ``exp_avg`` hold views of the live tensors (writing into them
-    on load restores in place); ``ema`` holds each parameter's 0-d ``agreement_ema``.
-    ``shapes``/``dtypes`` describe the logical (unsharded) tensors.
+    on load restores in place); ``ema`` holds each trained parameter's unit's agreement
+    average (0-d float32). ``shapes``/``dtypes`` describe the logical (unsharded) tensors;
+    ``optimizer_names`` the trained parameters per param group; ``unit_of`` their units.
     """
 
     kind: str
@@ -42,32 +50,29 @@ class Snapshot:
     ema: dict[str, Tensor] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     dtypes: dict[str, str] = field(default_factory=dict)
-    optimizer_names: list[list[str]] = field(default_factory=list)  # per param group
+    optimizer_names: list[list[str]] = field(default_factory=list)
+    unit_of: dict[str, int] = field(default_factory=dict)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside DDP, ``torch.compile`` and DeepSpeed wrappers."""
     while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel) or is_engine(model):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
+        inner = compiled_inner_module(model)
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel) or is_deepspeed_engine(model):
+            wrapped = model.module
+            assert isinstance(wrapped, nn.Module)
+            model = wrapped
+        elif inner is not None:
+            model = inner
         else:
             return model
 
 
-def is_engine(model: Any) -> bool:
-    """Whether ``model`` is a DeepSpeed engine (checked without importing DeepSpeed)."""
-    return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
-
-
 def optimizer_of(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Optional[torch.optim.Optimizer]:
     """The optimizer whose state is checkpointed: under DeepSpeed, the LionSF inside the engine."""
-    if optimizer is None or not is_engine(model):
+    if optimizer is None or not is_deepspeed_engine(model):
         return optimizer
-    from lion_sf_dist.checkpoint.zero import client_optimizer
-
-    return client_optimizer(model)
+    return lionsf_of(model)
 
 
 def canonical(name: str) -> str:
@@ -75,25 +80,6 @@ def canonical(name: str) -> str:
     for token in _WRAPPER_TOKENS:
         name = name.replace(token, "")
     return name
-
-
-def persistent_buffers(module: nn.Module) -> dict[str, Tensor]:
-    """The buffers ``module.state_dict()`` would hold, by canonical name (shared ones once)."""
-    out: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for mname, m in module.named_modules():
-        for bname, b in m._buffers.items():
-            if b is None or bname in m._non_persistent_buffers_set or id(b) in seen:
-                continue
-            seen.add(id(b))
-            out[canonical(f"{mname}.{bname}" if mname else bname)] = b
-    return out
-
-
-def describe_tensor(snap: Snapshot, name: str, t: Tensor) -> None:
-    """Record ``t``'s logical shape and dtype under ``name``."""
-    snap.shapes[name] = tuple(t.shape)
-    snap.dtypes[name] = str(t.dtype).removeprefix("torch.")
 
 
 def _reshard(module: nn.Module) -> None:
@@ -109,49 +95,84 @@ def _reshard(module: nn.Module) -> None:
             m.reshard()
 
 
-def snapshot(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Snapshot:
-    """The tensors of ``model`` (and ``optimizer``'s state when given) by logical name."""
-    if is_engine(model):
-        from lion_sf_dist.checkpoint.zero import zero_snapshot
+def _kind(model: Any, params: Mapping[str, Tensor]) -> str:
+    if is_deepspeed_engine(model):
+        return f"zero{model.zero_optimization_stage()}"
+    if any(isinstance(p, DTensor) for p in params.values()):
+        return "dtensor"
+    return "ddp" if isinstance(model, torch.nn.parallel.DistributedDataParallel) else "plain"
 
-        return zero_snapshot(model, optimizer)
+
+def snapshot(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Snapshot:
+    """The tensors of ``model`` (and ``optimizer``'s state when it is a LionSF) by logical name.
+
+    Under DeepSpeed the trained parameters are always read from the engine's LionSF (its
+    fp32 masters), with or without ``optimizer``.
+    """
     inner = unwrap(model)
     _reshard(inner)
     params = {canonical(n): p for n, p in inner.named_parameters()}
-    kind = "dtensor" if any(isinstance(p, DTensor) for p in params.values()) else (
-        "ddp" if isinstance(model, torch.nn.parallel.DistributedDataParallel) else "plain")
-    snap = Snapshot(kind=kind)
+    snap = Snapshot(kind=_kind(model, params))
+    trainer = lionsf_of(model) if is_deepspeed_engine(model) else optimizer
+    if isinstance(trainer, LionSF):
+        _add_trained(snap, trainer, params)
     for name, p in params.items():
+        if name in snap.params:
+            continue
+        if partitioned_by_zero3(p):
+            raise NotImplementedError(
+                f"checkpoint: parameter {name!r} is partitioned by ZeRO-3 but not trained by the LionSF "
+                "(frozen); checkpoints of frozen ZeRO-3 parameters are not supported")
         snap.params[name] = p.detach()
-        describe_tensor(snap, name, p)
+        _describe(snap, name, p.shape, p.dtype)
     for name, b in persistent_buffers(inner).items():
-        snap.buffers[name] = b.detach()
-        describe_tensor(snap, name, b)
-    if optimizer is not None:
-        by_id = {id(p): n for n, p in params.items()}
-        _add_optimizer(snap, optimizer, by_id)
+        snap.buffers[canonical(name)] = b.detach()
+        _describe(snap, canonical(name), b.shape, b.dtype)
+    if not isinstance(optimizer_of(model, optimizer), LionSF):
+        snap.exp_avg, snap.ema, snap.optimizer_names, snap.unit_of = {}, {}, [], {}
     return snap
 
 
-def _add_optimizer(snap: Snapshot, optimizer: torch.optim.Optimizer, by_id: dict[int, str]) -> None:
-    sync = getattr(optimizer, "_sync_state", None)
-    if sync is not None:
-        sync()  # state follows parameters swapped into param_groups (SPEC section 5)
-    for group in optimizer.param_groups:
-        names = []
-        for p in group["params"]:
-            name = by_id.get(id(p))
-            if name is None:
-                raise CheckpointError(
-                    f"the optimizer holds a tensor of shape {tuple(p.shape)} that is not a parameter of the model "
-                    "(build the optimizer from this model's parameters, after wrapping it)")
-            names.append(name)
-            state = optimizer.state.get(p, {})
-            if "exp_avg" in state:
-                snap.exp_avg[name] = state["exp_avg"].detach()
-            if "agreement_ema" in state:
-                snap.ema[name] = state["agreement_ema"].detach().float().clone()
-        snap.optimizer_names.append(names)
+def _describe(snap: Snapshot, name: str, shape: torch.Size, dtype: torch.dtype) -> None:
+    snap.shapes[name] = tuple(shape)
+    snap.dtypes[name] = str(dtype).removeprefix("torch.")
+
+
+def _add_trained(snap: Snapshot, opt: LionSF, params: Mapping[str, Tensor]) -> None:
+    """The parameters ``opt`` trains, their ``exp_avg`` and agreement averages, from its fragments."""
+    name_of = {id(p): n for n, p in params.items()}
+
+    def name(p: Tensor) -> str:
+        if id(p) not in name_of:
+            raise CheckpointError(
+                f"the optimizer holds a tensor of shape {tuple(p.shape)} that is not a parameter of the model "
+                "(build the optimizer from this model's parameters, after wrapping it)")
+        return name_of[id(p)]
+
+    pieces: dict[str, list[tuple[int, Tensor]]] = {}
+    states: dict[str, list[tuple[int, Tensor]]] = {}
+    for f in opt.fragments():
+        n = name(f.param)
+        if f.whole:
+            snap.params[n], snap.exp_avg[n] = f.data, f.exp_avg.detach()
+            _describe(snap, n, f.param.shape, f.param.dtype)
+        else:
+            pieces.setdefault(n, []).append((f.offset, f.data))
+            states.setdefault(n, []).append((f.offset, f.exp_avg))
+    snap.optimizer_names = [[name(p) for p in group] for group in opt.logical_params()]
+    averages = opt.agreement_average() if opt.agreement_ema else None
+    for group, ids in zip(snap.optimizer_names, opt.units.ids):
+        for n, unit in zip(group, ids):
+            snap.unit_of[n] = unit
+            if averages is not None:
+                snap.ema[n] = averages[unit].clone()
+            if n in snap.params:
+                continue
+            shape = logical_shape(params[n])
+            snap.params[n] = Fragments(shape, pieces.get(n, []))
+            snap.exp_avg[n] = Fragments(shape, states.get(n, []))
+            held = pieces.get(n)
+            _describe(snap, n, shape, held[0][1].dtype if held else torch.float32)
 
 
 def copied(snap: Snapshot) -> Snapshot:
@@ -169,7 +190,8 @@ def copied(snap: Snapshot) -> Snapshot:
                     buffers={n: copy(v) for n, v in snap.buffers.items()},
                     exp_avg={n: copy(v) for n, v in snap.exp_avg.items()},
                     ema={n: host(v) for n, v in snap.ema.items()}, shapes=dict(snap.shapes),
-                    dtypes=dict(snap.dtypes), optimizer_names=[list(g) for g in snap.optimizer_names])
+                    dtypes=dict(snap.dtypes), optimizer_names=[list(g) for g in snap.optimizer_names],
+                    unit_of=dict(snap.unit_of))
 
 
 def dcp_state(snap: Snapshot, *, optimizer_state: bool = True) -> dict[str, Any]:
@@ -182,8 +204,7 @@ def dcp_state(snap: Snapshot, *, optimizer_state: bool = True) -> dict[str, Any]
     if optimizer_state:
         groups.append(("exp_avg", snap.exp_avg))
     frags = {f"{prefix}/{n}": v for prefix, d in groups for n, v in d.items() if isinstance(v, Fragments)}
-    if frags:
-        boxes_by_rank = comm.all_gather({k: _boxes(f) for k, f in frags.items()})
+    boxes_by_rank = comm.all_gather({k: _boxes(f) for k, f in frags.items()}) if frags else []
     for prefix, d in groups:
         for name, value in d.items():
             key = f"{prefix}/{name}"

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
+from lion_sf_dist import _torch_private
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
 
@@ -69,28 +68,12 @@ def fragment_boxes(frag: Fragments) -> list[tuple[Box, Tensor]]:
 
 
 def sharded_tensor(frag: Fragments, boxes_by_rank: Sequence[Sequence[Box]], rank: int,
-                   dtype: torch.dtype) -> "ShardedTensor":
+                   dtype: torch.dtype) -> Tensor:
     """A DCP-writable (and -loadable) ShardedTensor whose local shards are views of ``frag``.
 
     ``boxes_by_rank[r]`` lists rank ``r``'s boxes of this tensor (every rank's, gathered),
     which ShardedTensor needs as global metadata.
     """
-    from torch.distributed._shard.metadata import ShardMetadata
-    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata
-    from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
-
-    local = fragment_boxes(frag)
-    first = local[0][1] if local else torch.empty(0, dtype=dtype)
-    device, dtype = first.device, first.dtype
-    pinned = first.is_pinned() if first.device.type == "cpu" else False  # ZeRO offload keeps pinned masters
-    shards_md, shards = [], []
-    for r, boxes in enumerate(boxes_by_rank):
-        for offsets, sizes in boxes:
-            md = ShardMetadata(shard_offsets=list(offsets), shard_sizes=list(sizes), placement=f"rank:{r}/{device}")
-            shards_md.append(md)
-    for (offsets, sizes), data in local:
-        md = ShardMetadata(shard_offsets=list(offsets), shard_sizes=list(sizes), placement=f"rank:{rank}/{device}")
-        shards.append(Shard(tensor=data, metadata=md))
-    meta = ShardedTensorMetadata(shards_metadata=shards_md, size=frag.shape,
-                                 tensor_properties=TensorProperties(dtype=dtype, pin_memory=pinned))
-    return ShardedTensor._init_from_local_shards_and_global_metadata(shards, meta)
+    local = [(offsets, sizes, data) for (offsets, sizes), data in fragment_boxes(frag)]
+    everyone = [(r, offsets, sizes) for r, boxes in enumerate(boxes_by_rank) for offsets, sizes in boxes]
+    return _torch_private.sharded_tensor(local, everyone, frag.shape, rank, dtype)

@@ -9,7 +9,7 @@ Hyper-parameters: **the running optimizer wins** by default (``hparams="running"
 code that builds it is the newest intent (a lowered ``lr`` on restart is deliberate), and
 each difference is reported in one warning. ``hparams="checkpoint"`` copies the saved
 values (``lr``, ``betas``, ``weight_decay`` per group; ``pow``, ``negative``,
-``decoupled_weight_decay``, ``initial_lr``) into the running optimizer; ``hparams="error"``
+``decoupled_weight_decay``, ``initial_lr``) into the running optimizer once the load has succeeded; ``hparams="error"``
 raises on any difference. ``agreement`` and ``agreement_ema`` decide the optimizer's
 structure and are never copied: the running values apply (a changed ``agreement`` with
 ``agreement_ema`` takes each new unit's average from its first parameter).
@@ -18,24 +18,22 @@ structure and are never copied: the running values apply (a changed ``agreement`
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
 from lion_sf_dist.checkpoint.collect import Snapshot
 from lion_sf_dist.checkpoint.errors import CheckpointError, ModelMismatchError, OptimizerMismatchError
+from lion_sf_dist.optimizer import COPYABLE_HYPERPARAMETERS, GROUP_HYPERPARAMETERS, HYPERPARAMETERS, LionSF
 
 FORMAT = "lion_sf_dist.checkpoint"
 VERSION = 1
-OPT_SCALARS = ("initial_lr", "pow", "negative", "decoupled_wd", "agreement", "agreement_ema")
-COPYABLE_SCALARS = ("initial_lr", "pow", "negative", "decoupled_wd")
-GROUP_KEYS = ("lr", "betas", "weight_decay")
-HPARAM_POLICIES = ("running", "checkpoint", "error")
+HparamPolicy = Literal["running", "checkpoint", "error"]
+HPARAM_POLICIES: tuple[HparamPolicy, ...] = ("running", "checkpoint", "error")
 
 
 def _plain(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.item()
+    """``v`` as JSON stores it (tuples become lists), so saved and running values compare equal."""
     if isinstance(v, (tuple, list)):
         return [_plain(x) for x in v]
     return v
@@ -43,11 +41,15 @@ def _plain(v: Any) -> Any:
 
 def describe_optimizer(snap: Snapshot, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Class, LionSF hyper-parameters and param groups (by name) of ``optimizer``."""
+    if not isinstance(optimizer, LionSF):
+        raise TypeError(f"checkpoint: saves the state of a LionSF, not {type(optimizer).__name__}; "
+                        "pass optimizer=None to save the model only")
+    hyper = optimizer.hyperparameters()
     return {
         "class": type(optimizer).__name__,
-        **{k: _plain(getattr(optimizer, k, None)) for k in OPT_SCALARS},
-        "groups": [{"params": names, **{k: _plain(g[k]) for k in GROUP_KEYS if k in g}}
-                   for names, g in zip(snap.optimizer_names, optimizer.param_groups)],
+        **{k: _plain(hyper[k]) for k in HYPERPARAMETERS},
+        "groups": [{"params": names, **{k: _plain(g[k]) for k in GROUP_HYPERPARAMETERS}}
+                   for names, g in zip(snap.optimizer_names, hyper["groups"])],
         "state": sorted(snap.exp_avg),
         "agreement_ema_state": sorted(snap.ema),
     }
@@ -110,32 +112,41 @@ def check_optimizer(meta: dict[str, Any], snap: Snapshot, optimizer: torch.optim
         raise OptimizerMismatchError(f"{where} has no exp_avg for parameter(s) the optimizer holds: {lacking}{fix}")
 
 
-def reconcile(meta: dict[str, Any], snap: Snapshot, optimizer: torch.optim.Optimizer, policy: str, where: str) -> None:
-    """Compare saved and running hyper-parameters and apply ``policy`` (see the module docstring)."""
+def reconcile(meta: dict[str, Any], snap: Snapshot, optimizer: LionSF, policy: HparamPolicy,
+              where: str) -> dict[str, Any]:
+    """Compare saved and running hyper-parameters under ``policy`` (see the module docstring).
+
+    Returns the values to hand to ``optimizer.set_hyperparameters`` once the load has
+    succeeded (empty unless ``policy="checkpoint"``); warns or raises for differences.
+    """
     if policy not in HPARAM_POLICIES:
         raise ValueError(f"hparams must be one of {HPARAM_POLICIES}, got {policy!r}")
     saved = meta["optimizer"]
+    running = optimizer.hyperparameters()
     diffs: list[str] = []
-    for k in OPT_SCALARS:
-        running = _plain(getattr(optimizer, k, None))
-        if saved.get(k) != running:
-            kept = "" if k in COPYABLE_SCALARS else " (structural: the running value stays)"
-            diffs.append(f"{k}: checkpoint {saved.get(k)!r}, running {running!r}{kept}")
-            if policy == "checkpoint" and k in COPYABLE_SCALARS:
-                setattr(optimizer, k, saved[k])
+    changes: dict[str, Any] = {"groups": {}}
+    for k in HYPERPARAMETERS:
+        value = _plain(running[k])
+        if saved.get(k) != value:
+            kept = "" if k in COPYABLE_HYPERPARAMETERS else " (structural: the running value stays)"
+            diffs.append(f"{k}: checkpoint {saved.get(k)!r}, running {value!r}{kept}")
+            if k in COPYABLE_HYPERPARAMETERS:
+                changes[k] = saved[k]
     saved_group = {n: g for g in saved["groups"] for n in g["params"]}
-    for i, (names, group) in enumerate(zip(snap.optimizer_names, optimizer.param_groups)):
+    for i, (names, group) in enumerate(zip(snap.optimizer_names, running["groups"])):
         src = next((saved_group[n] for n in names if n in saved_group), None)
         if src is None:
             continue
-        for k in GROUP_KEYS:
-            if k in group and k in src and _plain(group[k]) != src[k]:
+        for k in GROUP_HYPERPARAMETERS:
+            if k in src and _plain(group[k]) != src[k]:
                 diffs.append(f"group {i} {k}: checkpoint {src[k]!r}, running {_plain(group[k])!r}")
-                if policy == "checkpoint":
-                    group[k] = tuple(src[k]) if k == "betas" else src[k]
+                changes["groups"].setdefault(i, {})[k] = tuple(src[k]) if k == "betas" else src[k]
     if not diffs:
-        return
+        return {}
     if policy == "error":
-        raise OptimizerMismatchError(f"{where}: hyper-parameters differ from the running optimizer: " + "; ".join(diffs))
-    winner = "the checkpoint's values were applied" if policy == "checkpoint" else "the running optimizer's values apply"
+        raise OptimizerMismatchError(
+            f"{where}: hyper-parameters differ from the running optimizer: " + "; ".join(diffs))
+    winner = ("the checkpoint's values were applied" if policy == "checkpoint"
+              else "the running optimizer's values apply")
     warnings.warn(f"{where}: hyper-parameters differ ({winner}): " + "; ".join(diffs), stacklevel=3)
+    return changes if policy == "checkpoint" else {}

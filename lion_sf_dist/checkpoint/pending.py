@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Callable, Optional
 
-import torch
 import torch.distributed as dist
-from torch import nn
 
 from lion_sf_dist.checkpoint import comm
 from lion_sf_dist.checkpoint.errors import CheckpointError
@@ -56,26 +54,17 @@ def wait_previous() -> None:
         job.wait()
 
 
-def save_async(path: Any, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-               extra: Any = None, *, keep: Optional[int] = 3) -> PendingSave:
-    """:func:`~lion_sf_dist.checkpoint.save` that returns once the state is copied; collective.
-
-    Training may go on at once (the copy is written); call ``.wait()`` on the result (or any
-    later ``save``/``load``, which wait) before relying on the checkpoint. Trade-off: one
-    extra host copy of this rank's parameters and optimizer state while the write runs.
-    """
+def start(final: Path, write: Callable[[Optional[dist.ProcessGroup]], Path]) -> PendingSave:
+    """Run ``write(group)`` on a background thread over a dedicated gloo group; the pending save."""
     global _previous, _group
-    from lion_sf_dist.checkpoint.api import prepare, write
-
-    wait_previous()
-    job = prepare(path, model, optimizer, extra, keep, copy=True)
     if comm.distributed() and _group is None:
         _group = dist.new_group(backend="gloo")
-    handle = PendingSave(job.final)
+    handle = PendingSave(final)
+    group = _group
 
     def run() -> None:
         try:
-            write(job, _group)
+            write(group)
         except Exception as e:  # kept for wait(), which raises it in the caller's thread
             handle._error = e
 

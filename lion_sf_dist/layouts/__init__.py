@@ -1,10 +1,12 @@
 """Layouts: how the tensors an optimizer holds map to local pieces of logical parameters.
 
-A layout turns what the optimizer holds into :class:`Segment` s (local views of a
-parameter, its gradient and ``exp_avg``, the agreement unit they count in, and the
-process group over which their counts are summed). The kernel sees only segments.
+:class:`Layout` is the interface (:mod:`lion_sf_dist.layouts.base`); :class:`ParamLayout`
+serves plain and DTensor parameters, :class:`~lion_sf_dist.layouts.zero.ZeroLayout`
+DeepSpeed ZeRO partitions (imported from its module: it is built by
+:func:`lion_sf_dist.deepspeed.attach`). The kernel sees only :class:`Segment` s.
 """
 
-from lion_sf_dist.layouts.segment import Segment
+from lion_sf_dist.layouts.base import Fragment, Layout, Segment
+from lion_sf_dist.layouts.params import ParamLayout
 
-__all__ = ["Segment"]
+__all__ = ["Fragment", "Layout", "ParamLayout", "Segment"]

@@ -28,7 +28,9 @@ def _forget_dead_groups() -> None:
 def _ranks_group(ranks: tuple[int, ...], found: Optional[dist.ProcessGroup]) -> dist.ProcessGroup:
     """The process group used for ``ranks``: ``WORLD`` for all ranks, else the first one seen (or a new one)."""
     if len(ranks) == dist.get_world_size():
-        return dist.group.WORLD
+        world = dist.group.WORLD
+        assert world is not None, "a process group exists: a DTensor was laid out over it"
+        return world
     _forget_dead_groups()
     if ranks not in _by_ranks:
         # Only the member ranks create the group (use_local_synchronization): a sub-mesh's
@@ -80,6 +82,7 @@ def reduction_for(mesh: DeviceMesh, placements: Sequence[Placement]) -> tuple[Op
         # Each replica row reduces among its own shards and gets the full count.
         return _canonical(mesh.get_group(shard_dims[0])), True
     coord = mesh.get_coordinate()
+    assert coord is not None, "this rank holds a shard of the DTensor, so it is in its mesh"
     counted = all(coord[d] == 0 for d, pl in enumerate(placements) if pl.is_replicate())
     return _whole_mesh_group(mesh), counted
 

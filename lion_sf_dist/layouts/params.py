@@ -1,19 +1,23 @@
-"""The optimizer's own parameters as segments: plain tensors (single process, DDP) and DTensors.
+"""The layout of parameters the optimizer holds itself: plain tensors (single process, DDP) and DTensors.
 
-Plain tensors are whole parameters (under DDP every rank holds the same full replica, so
-no reduction is needed). DTensors (FSDP2, HSDP, tensor parallel) contribute their local
-shard; the group to sum counts over comes from the mesh and placements.
+Plain tensors are whole parameters (under DDP every rank holds the same full replica with
+the averaged gradient, so no reduction is needed). DTensors (FSDP2, HSDP, tensor parallel)
+contribute their local shard; the process group to sum counts over comes from the mesh and
+placements (:mod:`lion_sf_dist.layouts.dtensor`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Optional, Sequence
 
+import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
+from lion_sf_dist._torch_private import is_fsdp1_flat_param
+from lion_sf_dist.layouts.base import Fragment, ParamGroups, Segment, State
 from lion_sf_dist.layouts.dtensor import check_grad_layout, reduction_for
-from lion_sf_dist.layouts.segment import Segment
+from lion_sf_dist.layouts.zero_internals import flattened_by_deepspeed
 from lion_sf_dist.units import Units
 
 _FSDP1_HELP = (
@@ -22,37 +26,107 @@ _FSDP1_HELP = (
     "Use FSDP2 instead (torch.distributed.fsdp.fully_shard, or HF Accelerate with fsdp_version=2): "
     "its DTensor parameters are supported exactly."
 )
+_UNATTACHED_HELP = (
+    "LionSF is being stepped (or its state saved) by a DeepSpeed ZeRO engine it was not attached to: it would see flat "
+    "per-rank partitions instead of parameters and count the sign agreement per partition, which "
+    "differs across ranks. Build the engine with lion_sf_dist.deepspeed.initialize(...) instead of "
+    "deepspeed.initialize(...), or call lion_sf_dist.deepspeed.attach(engine) on an engine built "
+    "elsewhere (HF Accelerate, HF Trainer) before its first step."
+)
 
 
 def check_params(params: Sequence[Tensor]) -> None:
-    """Raise ``ValueError`` for parameters no layout can count exactly (FSDP1's flattened shards)."""
+    """Raise ``ValueError`` for parameters LionSF cannot step exactly."""
     for p in params:
-        if getattr(p, "_fsdp_flattened", False):
+        if is_fsdp1_flat_param(p):
             raise ValueError(f"{_FSDP1_HELP} (parameter of local shape {tuple(p.shape)})")
+        if not p.is_floating_point():
+            raise TypeError(f"LionSF steps floating-point parameters only; got one of dtype {p.dtype} and shape "
+                            f"{tuple(p.shape)} (integer and complex parameters have no sign update)")
 
 
-def param_segments(param_groups: Sequence[dict[str, Any]], state: dict[Tensor, dict[str, Any]], units: Units) -> list[Segment]:
-    """One segment per parameter that has a gradient and local elements.
+class ParamLayout:
+    """Parameters held as they are: each is one segment (its local shard for a DTensor).
 
-    A parameter without gradient takes no part in the step; a DTensor whose local shard
-    is empty contributes nothing to count but its rank still joins the reduction.
+    State follows the parameters: a tensor that replaced another at the same position of
+    ``param_groups`` (HF Accelerate's FSDP2 ``prepare`` swaps sharded DTensors in after the
+    optimizer was built) inherits its ``exp_avg`` when the logical shape matches; the state
+    of tensors no longer held is dropped.
     """
-    segments = []
-    for group, unit_ids in zip(param_groups, units.ids):
-        for p, unit in zip(group["params"], unit_ids):
-            if getattr(p, "_fsdp_flattened", False):  # wrapped by FSDP1 after the optimizer was built
-                raise ValueError(_FSDP1_HELP)
-            g = p.grad
-            if g is None:
+
+    def __init__(self) -> None:
+        self._seen: list[Tensor] = []
+
+    def init_state(self, param_groups: ParamGroups, state: State, original: Sequence[Sequence[Optional[Tensor]]],
+                   units: Units) -> None:
+        current = [p for group in param_groups for p in group["params"]]
+        if len(current) == len(self._seen) and all(a is b for a, b in zip(current, self._seen)):
+            return
+        held = set(map(id, current))
+        if any(p is not None and id(p) not in held and flattened_by_deepspeed(p) for ps in original for p in ps):
+            raise RuntimeError(_UNATTACHED_HELP)
+        check_params(current)
+        for i, p in enumerate(current):
+            if "exp_avg" in state.get(p, {}):
                 continue
-            if g.is_sparse:
-                raise ValueError("LionSF does not support sparse gradients (got one for a parameter of shape "
-                                 f"{tuple(p.shape)}); use a dense embedding or another optimizer for it")
-            m = state[p]["exp_avg"]
-            if isinstance(p, DTensor):
-                check_grad_layout(p, g)
-                reduce_group, counted = reduction_for(p.device_mesh, p.placements)
-                segments.append(Segment(p.to_local(), g.to_local(), m.to_local(), unit, group, reduce_group, counted))
-            else:
-                segments.append(Segment(p, g, m, unit, group))
-    return segments
+            old = self._seen[i] if i < len(self._seen) else None
+            old_exp_avg = state.get(old, {}).get("exp_avg") if old is not None else None
+            state[p] = {"exp_avg": _follow(old_exp_avg, p)}
+        for stale in [k for k in state if isinstance(k, Tensor) and id(k) not in held]:
+            del state[stale]
+        self._seen = current
+
+    def forget(self) -> None:
+        """Check the held tensors against the state again at the next :meth:`init_state` (after a load)."""
+        self._seen = []
+
+    def segments(self, param_groups: ParamGroups, state: State, units: Units) -> list[Segment]:
+        """One segment per parameter that has a gradient.
+
+        A parameter without gradient takes no part in the step; a DTensor whose local shard
+        is empty contributes nothing to count but its rank still joins the reduction.
+        """
+        segments = []
+        for group, unit_ids in zip(param_groups, units.ids):
+            for p, unit in zip(group["params"], unit_ids):
+                if is_fsdp1_flat_param(p):  # wrapped by FSDP1 after the optimizer was built
+                    raise ValueError(_FSDP1_HELP)
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise ValueError("LionSF does not support sparse gradients (got one for a parameter of shape "
+                                     f"{tuple(p.shape)}); use a dense embedding or another optimizer for it")
+                if g.shape != p.shape:
+                    raise ValueError(f"a gradient of shape {tuple(g.shape)} was set on a parameter of shape "
+                                     f"{tuple(p.shape)}; LionSF steps each element with its own gradient")
+                m = state[p]["exp_avg"]
+                if isinstance(p, DTensor):
+                    check_grad_layout(p, g)
+                    process_group, counted = reduction_for(p.device_mesh, p.placements)
+                    segments.append(Segment(p.to_local(), g.to_local(), m.to_local(), unit, group, process_group,
+                                            counted))
+                else:
+                    segments.append(Segment(p, g, m, unit, group))
+        return segments
+
+    def finish(self) -> None:
+        """Nothing to propagate: the optimizer stepped the parameters themselves."""
+
+    def fragments(self, param_groups: ParamGroups, state: State, original: Sequence[Sequence[Optional[Tensor]]],
+                  units: Units) -> list[Fragment]:
+        return [Fragment(p, unit, p.shape, p.detach(), state[p]["exp_avg"], whole=True)
+                for group, ids in zip(param_groups, units.ids) for p, unit in zip(group["params"], ids)]
+
+    def refresh(self) -> None:
+        """Nothing to refresh: the model computes with the tensors that were written."""
+
+
+def _follow(old: Optional[Tensor], p: Tensor) -> Tensor:
+    """``exp_avg`` for ``p``: ``old`` re-laid out like ``p`` when it has ``p``'s logical shape, else zeros."""
+    if old is None or old.shape != p.shape:
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+    full = old.full_tensor() if isinstance(old, DTensor) else old
+    if isinstance(p, DTensor):
+        return distribute_tensor(full.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+    return full.to(dtype=p.dtype, device=p.device).clone()

@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -39,17 +40,22 @@ STAGE12_ATTRS = (
 )
 STAGE3_ATTRS = (
     "optimizer", "fp32_partitioned_groups_flat", "fp16_partitioned_groups_flat", "fp16_groups",
-    "sub_group_process_groups", "sub_group_to_group_id", "grad_position", "get_param_id",
+    "sub_group_process_groups", "grad_position", "get_param_id",
     "offload_optimizer", "swap_optimizer", "partial_offload",
 )
 # Markers DeepSpeed leaves on the model parameters it flattens (stage 1/2 and its bf16
 # optimizer set ``_hp_mapping`` on every parameter, ``None`` where this rank holds none of
 # it; stage 3 partitions carry ``ds_id``).
 FLATTENED_MARKERS = ("_hp_mapping", "ds_id")
+# Read after a checkpoint load to recompute the bit16 weights from the fp32 partitions.
+REFRESH_ATTRS = {
+    1: ("update_lp_params",),
+    3: ("_reassign_or_swap_out_partitioned_parameters", "persistent_parameters", "invalidate_secondary_tensor"),
+}
 
 
 @dataclass(frozen=True)
-class Fragment:
+class Slice:
     """``numel`` elements of logical parameter ``param`` (flattened, logical shape ``shape``),
     from ``param_offset``, lying at ``flat_offset`` of a flat partition. ``numel`` is 0 on a
     rank holding none of it."""
@@ -65,16 +71,24 @@ class Fragment:
 class Partition:
     """One flat fp32 partition the client optimizer steps, and what it holds.
 
-    ``group_index``: the client optimizer's param group it belongs to; ``process_group``:
-    the ranks whose partitions together hold these parameters; ``writeback``: copies the
+    ``process_group``: the ranks whose partitions together hold these parameters; ``writeback``: copies the
     (updated) flat partition to the bit16 copy DeepSpeed gathers parameters from.
     """
 
     flat: Tensor
-    group_index: int
     process_group: Optional[dist.ProcessGroup]
-    fragments: list[Fragment]
+    slices: list[Slice]
     writeback: Callable[[], None]
+
+
+def partitioned_by_zero3(p: Tensor) -> bool:
+    """Whether ``p`` is a ZeRO-3 parameter (its tensor is an empty placeholder; DeepSpeed holds the data)."""
+    return hasattr(p, "ds_id")
+
+
+def logical_shape(p: Tensor) -> torch.Size:
+    """The shape of ``p`` as the model defines it (ZeRO-3 replaces ``p.shape`` by a placeholder's)."""
+    return torch.Size(getattr(p, "ds_shape", p.shape))
 
 
 def flattened_by_deepspeed(p: Tensor) -> bool:
@@ -97,7 +111,8 @@ def zero_stage_of(zero_optimizer: Any) -> int:
 def check_attributes(zero_optimizer: Any) -> None:
     """Raise if ``zero_optimizer`` lacks an attribute the recipes read (a changed DeepSpeed)."""
     stage = zero_stage_of(zero_optimizer)
-    names = STAGE3_ATTRS if stage == 3 else STAGE12_ATTRS if stage == 1 else ()
+    recipe: tuple[str, ...] = STAGE3_ATTRS if stage == 3 else STAGE12_ATTRS if stage == 1 else ()
+    names = recipe + REFRESH_ATTRS.get(stage, ())
     missing = [n for n in names if not hasattr(zero_optimizer, n)]
     if missing:
         import deepspeed
@@ -128,6 +143,39 @@ def unsupported_reason(zero_optimizer: Any) -> Optional[str]:
     return None
 
 
+def partitions_of(zero_optimizer: Any) -> list[Partition]:
+    """This rank's flat partitions of a ZeRO 1-3 optimizer, after checking that it can be stepped exactly.
+
+    Raises ``RuntimeError`` when DeepSpeed lacks an attribute the recipes read and
+    ``NotImplementedError`` for configurations LionSF cannot step exactly.
+    """
+    check_attributes(zero_optimizer)
+    reason = unsupported_reason(zero_optimizer)
+    if reason is not None:
+        raise NotImplementedError(f"lion_sf_dist.deepspeed.attach: {reason}")
+    stage = zero_stage_of(zero_optimizer)
+    return stage3_partitions(zero_optimizer) if stage == 3 else stage12_partitions(zero_optimizer)
+
+
+def refresh_bit16(zero_optimizer: Any) -> None:
+    """Recompute the bit16 weights DeepSpeed computes with from its fp32 partitions; collective.
+
+    Stage 1/2: ``update_lp_params``. Stage 3: re-partition each sub-group's bit16 copy from its
+    fp32 partition, re-gather the persistent (never partitioned) parameters, and drop the
+    secondary (hpZ) copies so they are rebuilt.
+    """
+    zo = zero_optimizer
+    stage = zero_stage_of(zo)
+    if stage == 1:
+        zo.update_lp_params()
+    elif stage == 3:
+        for i in range(len(zo.fp32_partitioned_groups_flat)):
+            zo._reassign_or_swap_out_partitioned_parameters(i)
+        if zo.persistent_parameters:
+            zo.persistent_parameters[0].all_gather(zo.persistent_parameters)
+        zo.invalidate_secondary_tensor()
+
+
 def stage12_partitions(zo: Any) -> list[Partition]:
     """This rank's partitions of a stage 1/2 ``DeepSpeedZeroOptimizer``, one per param group."""
     parts = []
@@ -138,14 +186,14 @@ def stage12_partitions(zo: Any) -> list[Partition]:
         if flat.numel() != size:
             raise RuntimeError(f"lion_sf_dist: ZeRO group {i}: partition has {flat.numel()} elements, expected {size}")
         lo, hi = rank * size, (rank + 1) * size
-        fragments = []
+        slices = []
         for p, start, meta in zip(zo.round_robin_bit16_groups[i], zo.round_robin_bit16_offsets[i],
                                   zo.round_robin_bit16_meta[i], strict=True):
             a, b = max(int(start), lo), min(int(start) + meta.numel(), hi)
             shape = tuple(meta.shape)
-            fragments.append(Fragment(p, shape, a - int(start), a - lo, b - a) if b > a else Fragment(p, shape, 0, 0, 0))
+            slices.append(Slice(p, shape, a - int(start), a - lo, b - a) if b > a else Slice(p, shape, 0, 0, 0))
         target = zo.parallel_partitioned_bit16_groups[i][rank]
-        parts.append(Partition(flat, i, group, fragments, _copier(target, flat)))
+        parts.append(Partition(flat, group, slices, _copier(target, flat)))
     return parts
 
 
@@ -155,14 +203,14 @@ def stage3_partitions(zo: Any) -> list[Partition]:
     for i, flat in enumerate(zo.fp32_partitioned_groups_flat):
         group = zo.sub_group_process_groups[i]
         rank = dist.get_rank(group=group)
-        fragments = []
+        slices = []
         for p in zo.fp16_groups[i]:
             _, off, pn = zo.grad_position[zo.get_param_id(p)]
             n = max(0, min(pn, p.ds_numel - rank * pn))
-            fragments.append(Fragment(p, tuple(p.ds_shape), rank * pn if n else 0, off, n))
+            slices.append(Slice(p, tuple(p.ds_shape), rank * pn if n else 0, off, n))
         target = zo.fp16_partitioned_groups_flat[i]
         writeback = _copier(target, flat) if target is not None else (lambda: None)
-        parts.append(Partition(flat, int(zo.sub_group_to_group_id[i]), group, fragments, writeback))
+        parts.append(Partition(flat, group, slices, writeback))
     return parts
 
 

@@ -1,0 +1,145 @@
+"""Every private torch name lion_sf_dist uses, in one fenced place, each with the reason.
+
+Checked on torch 2.13.0 (``CHECKED_ON``); ``tests/test_private_names.py`` asserts that each
+still exists, so a torch release that renames one fails there, not in a user's run.
+Nothing else in the package names a private torch attribute or module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+CHECKED_ON = ("2.13.0",)
+
+
+def is_fsdp1_flat_param(p: Tensor) -> bool:
+    """Whether ``p`` is a view FSDP1 (``FullyShardedDataParallel``) flattened.
+
+    FSDP1 marks such views with ``_fsdp_flattened`` and offers no public predicate; LionSF
+    must refuse them (a shard of an unmarked 1-D concatenation cannot be counted per unit).
+    """
+    return bool(getattr(p, "_fsdp_flattened", False))
+
+
+def compiled_inner_module(model: nn.Module) -> Optional[nn.Module]:
+    """The user's module inside ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``), else ``None``.
+
+    No public accessor exists; checkpoints name parameters as the user's module does.
+    """
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else None
+
+
+def persistent_buffers(module: nn.Module) -> dict[str, Tensor]:
+    """The buffers ``module.state_dict()`` would hold, by qualified name (shared ones once).
+
+    Reads ``_buffers`` and ``_non_persistent_buffers_set``: ``named_buffers()`` does not say
+    which buffers are persistent, and ``state_dict()`` would run FSDP2's state-dict hooks
+    (gathers) that a checkpoint of local shards must not trigger.
+    """
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for mname, m in module.named_modules():
+        for bname, b in m._buffers.items():
+            if b is None or bname in m._non_persistent_buffers_set or id(b) in seen:
+                continue
+            seen.add(id(b))
+            out[f"{mname}.{bname}" if mname else bname] = b
+    return out
+
+
+def sharded_tensor(shards: Sequence[tuple[Sequence[int], Sequence[int], Tensor]],
+                   all_boxes: Sequence[tuple[int, Sequence[int], Sequence[int]]], size: torch.Size,
+                   rank: int, dtype: torch.dtype) -> "ShardedTensor":
+    """A ``ShardedTensor`` of logical ``size`` whose local shards are ``(offsets, sizes, data)``.
+
+    ``all_boxes`` lists ``(rank, offsets, sizes)`` of every rank's shards. DCP writes and
+    reads ShardedTensors; ``ShardedTensor`` lives in the private ``torch.distributed._shard``
+    package, and its private ``_init_from_local_shards_and_global_metadata`` is the one
+    constructor that takes metadata already gathered (the public one runs a collective per
+    tensor; the caller gathers every tensor's boxes in one).
+    """
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata
+    from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
+
+    first = shards[0][2] if shards else torch.empty(0, dtype=dtype)
+    device = first.device
+    pinned = first.is_pinned() if device.type == "cpu" else False  # ZeRO offload keeps pinned masters
+    local = [Shard(tensor=data, metadata=ShardMetadata(shard_offsets=list(offsets), shard_sizes=list(sizes),
+                                                       placement=f"rank:{rank}/{device}"))
+             for offsets, sizes, data in shards]
+    shards_md = [ShardMetadata(shard_offsets=list(offsets), shard_sizes=list(sizes), placement=f"rank:{r}/{device}")
+                 for r, offsets, sizes in all_boxes]
+    meta = ShardedTensorMetadata(shards_metadata=shards_md, size=size,
+                                 tensor_properties=TensorProperties(dtype=first.dtype, pin_memory=pinned))
+    return ShardedTensor._init_from_local_shards_and_global_metadata(local, meta)
+
+
+def chunk_cat(tensors: Sequence[Tensor], out: Tensor) -> None:
+    """Copy ``tensors`` (one dtype, any shapes, none empty) flattened and back to back into ``out`` ``[1, total]``.
+
+    ``torch._chunk_cat`` (what FSDP2 gathers gradients with) is the one op that concatenates
+    tensors of different shapes, converting to ``out``'s dtype on the way; the multi-tensor
+    path cleans all gradients of skipped units with one ``nan_to_num_`` on the result.
+    """
+    torch._chunk_cat(list(tensors), 0, 1, out=out)
+
+
+def version(t: Tensor) -> int:
+    """``t``'s version counter (bumped by every in-place op): tells a step count that moved from one that did not."""
+    return t._version
+
+
+def recompile_limit_hit() -> type[Exception]:
+    """The exception ``torch.compile(fullgraph=True)`` raises past dynamo's recompile limit (caught to run eagerly)."""
+    import torch._dynamo.exc
+
+    return torch._dynamo.exc.FailOnRecompileLimitHit
+
+
+def no_duck_shapes() -> contextlib.AbstractContextManager:
+    """Inside, dynamo gives every dynamic size its own symbol (``use_duck_shape=False``).
+
+    With duck shaping, tensors that happen to share a size share a symbol and a guard, and
+    a later batch whose sizes coincide differently compiles a graph of its own.
+    """
+    import torch.fx.experimental._config
+
+    return torch.fx.experimental._config.patch(use_duck_shape=False)  # type: ignore[attr-defined]
+
+
+def dispatch_mode() -> type:
+    """``TorchDispatchMode`` (``torch.utils._python_dispatch``): the hook that sees every dispatched op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
+
+
+def names() -> dict[str, bool]:
+    """Whether each private name above still exists in the installed torch (pinned by a test)."""
+    import torch.fx.experimental._config
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.fsdp import _common_utils
+
+    module = nn.Linear(1, 1)
+    return {
+        "ShardedTensor._init_from_local_shards_and_global_metadata":
+            hasattr(ShardedTensor, "_init_from_local_shards_and_global_metadata"),
+        "nn.Module._buffers": isinstance(getattr(module, "_buffers", None), dict),
+        "nn.Module._non_persistent_buffers_set": isinstance(getattr(module, "_non_persistent_buffers_set", None), set),
+        "torch._chunk_cat": hasattr(torch, "_chunk_cat"),
+        "Tensor._version": isinstance(torch.zeros(1)._version, int),
+        "FailOnRecompileLimitHit": issubclass(recompile_limit_hit(), Exception),
+        "torch.fx.experimental._config.use_duck_shape": hasattr(torch.fx.experimental._config, "use_duck_shape"),
+        "TorchDispatchMode": isinstance(dispatch_mode(), type),
+        "OptimizedModule._orig_mod": compiled_inner_module(torch.compile(module)) is module,  # type: ignore[arg-type]
+        "FSDP1 _fsdp_flattened": getattr(_common_utils, "FSDP_FLATTENED", None) == "_fsdp_flattened",
+    }
