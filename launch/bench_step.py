@@ -24,7 +24,6 @@ import torch
 from lion_pytorch.foreach import Lion as ForeachLion
 
 from lion_sf_dist import LionSF
-from lion_sf_dist.kernel import Kernel
 from lion_sf_dist.opcount import count_ops, gpt2_small_shapes, llama7b_shapes
 
 
@@ -70,12 +69,6 @@ def reset_peak() -> None:
         f.write("5")
 
 
-def multi_tensor(opt: LionSF) -> LionSF:
-    """``opt`` stepping through the multi-tensor kernel (until the optimizer takes ``foreach=``)."""
-    opt._kernel = Kernel(opt._kernel.compiled, foreach=True)
-    return opt
-
-
 def state_bytes_per_param(opt: torch.optim.Optimizer, n: int) -> float:
     """Bytes of tensor state the optimizer keeps per parameter element."""
     total = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
@@ -99,8 +92,8 @@ def count_table() -> None:
     meta = torch.device("meta")
     models = {"GPT-2 small": gpt2_small_shapes(), "Llama-7B": llama7b_shapes()}
     makers: dict[str, Callable] = {
-        "LionSF chunked (CPU default)": lambda ps: LionSF(ps, lr=1e-4, weight_decay=0.1),
-        "LionSF multi-tensor": lambda ps: multi_tensor(LionSF(ps, lr=1e-4, weight_decay=0.1)),
+        "LionSF chunked (CPU default)": lambda ps: LionSF(ps, lr=1e-4, weight_decay=0.1, foreach=False),
+        "LionSF multi-tensor": lambda ps: LionSF(ps, lr=1e-4, weight_decay=0.1, foreach=True),
         "AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
         "AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
     }
@@ -146,7 +139,7 @@ def main() -> None:
 
     makers: dict[str, Callable] = {
         "LionSF eager": lambda ps: LionSF(ps, lr=1e-4, weight_decay=0.1),
-        "LionSF multi-tensor (foreach)": lambda ps: multi_tensor(LionSF(ps, lr=1e-4, weight_decay=0.1)),
+        "LionSF multi-tensor (foreach)": lambda ps: LionSF(ps, lr=1e-4, weight_decay=0.1, foreach=True),
         "LionSF compiled (use_triton=True)": lambda ps: LionSF(ps, lr=1e-4, weight_decay=0.1, use_triton=True),
         "seed LionSF loop": lambda ps: SeedLoop(ps, lr=1e-4, weight_decay=0.1),
         "Lion _foreach (lion-pytorch)": lambda ps: ForeachLion(ps, lr=1e-4, weight_decay=0.1),

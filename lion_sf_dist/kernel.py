@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from lion_sf_dist._torch_private import chunk_cat, no_duck_shapes, recompile_limit_hit
+from lion_sf_dist.devices import to_device
 from lion_sf_dist.rounding import IndexMap, Rounding, random16, stochastic_bf16
 
 # Eager temporaries are a few chunks of this many elements (1 MiB in fp32): they stay in cache.
@@ -272,7 +273,7 @@ class _ForeachKernel:
         """``beta2`` per segment on ``device``, rebuilt only when the betas change."""
         key = (tuple(beta2s), device)
         if self._consts is None or self._consts[0] != key:
-            self._consts = (key, _to_device(torch.tensor(beta2s, dtype=F32), device))
+            self._consts = (key, to_device(torch.tensor(beta2s, dtype=F32), device))
         return self._consts[1]
 
     def inverse(self, order: Sequence[int], device: torch.device) -> Tensor:
@@ -282,7 +283,7 @@ class _ForeachKernel:
             inv = [0] * len(order)
             for pos, i in enumerate(order):
                 inv[i] = pos
-            self._inverse = (key, _to_device(torch.tensor(inv, dtype=torch.int64), device))
+            self._inverse = (key, to_device(torch.tensor(inv, dtype=torch.int64), device))
         return self._inverse[1]
 
     def count(self, ms: Sequence[Tensor], gs: Sequence[Tensor], beta1s: Sequence[float]) -> Tensor:
@@ -397,13 +398,6 @@ def _gather_f32(gs: Sequence[Tensor], device: torch.device) -> tuple[Tensor, lis
     return gathered, flat
 
 
-def _to_device(host: Tensor, device: torch.device) -> Tensor:
-    """``host`` on ``device``, through pinned memory without blocking when that is a CUDA device."""
-    if device.type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
-
-
 # -- the compiled path ---------------------------------------------------------------------
 
 # Tensors per compiled call. Sizes are dynamic and tensors flat, so one graph serves every
@@ -499,8 +493,8 @@ class _Batches:
         for pos, i in enumerate(flat):
             if i < n:
                 inverse[i] = pos
-        self.take = [_to_device(torch.tensor(part, dtype=torch.int64), device) for _, part in self.batches]
-        self.inverse = _to_device(torch.tensor(inverse, dtype=torch.int64), device)
+        self.take = [to_device(torch.tensor(part, dtype=torch.int64), device) for _, part in self.batches]
+        self.inverse = to_device(torch.tensor(inverse, dtype=torch.int64), device)
         # distinct dummies per slot: dynamo guards on aliasing, repeated tensors would be a graph of their own
         self.dummies = {kind: [[torch.zeros((size,) if dense else (size,) * dim, dtype=dtype, device=device)
                                 for _ in range(COMPILE_BATCH)] for dtype, dense, size, dim in kind]
@@ -536,20 +530,26 @@ class Kernel:
 
     ``compiled``: batches of tensors through ``torch.compile``-d calls (no temporaries at
     all); a new dtype pattern past :data:`MAX_COMPILED_VARIANTS` per process runs on the
-    eager path instead, with one warning. ``foreach``: the eager multi-tensor path
-    (:class:`_ForeachKernel`), else the eager chunked path (cache-sized chunks, tensor by
-    tensor). The compiled path's eager fallback is the multi-tensor path when ``foreach``.
+    eager path instead, with one warning. ``foreach``: ``True`` the eager multi-tensor path
+    (:class:`_ForeachKernel`), ``False`` the eager chunked path (cache-sized chunks, tensor
+    by tensor), ``None`` multi-tensor on every non-CPU device and chunked on CPU. The
+    compiled path's eager fallback is that eager path.
     """
 
-    def __init__(self, compiled: bool, foreach: bool = False) -> None:
+    def __init__(self, compiled: bool, foreach: Optional[bool] = False) -> None:
         self.compiled = compiled
         self.foreach = foreach
-        self._foreach = _ForeachKernel() if foreach else None
+        self._foreach_kernel = _ForeachKernel()
         self._compiled: dict[tuple[str, str], Callable] = {}
         self._coefs: Optional[tuple[tuple, Tensor]] = None
         self._batches: Optional[tuple[tuple, _Batches]] = None
         self._where: Optional[tuple[tuple, Optional[Tensor]]] = None
         self._warned = False
+
+    def _multi_tensor(self, device: torch.device) -> Optional[_ForeachKernel]:
+        """The multi-tensor kernel when it is the eager path for ``device`` (``foreach=None``: on every non-CPU one)."""
+        use = self.foreach if self.foreach is not None else device.type != "cpu"
+        return self._foreach_kernel if use else None
 
     def count(self, ms: Sequence[Tensor], gs: Sequence[Tensor], beta1s: Sequence[float]) -> Tensor:
         """``[S, 2]`` int64: :func:`count_agreement` of each ``(m, g)``; ``A`` is 0 where ``P > 0``.
@@ -560,7 +560,8 @@ class Kernel:
         """
         rows = self._count_compiled(ms, gs, beta1s) if self.compiled else None
         if rows is None:
-            rows = self._foreach.count(ms, gs, beta1s) if self._foreach is not None else _chunked_count(ms, gs, beta1s)
+            multi = self._multi_tensor(ms[0].device)
+            rows = multi.count(ms, gs, beta1s) if multi is not None else _chunked_count(ms, gs, beta1s)
         return torch.stack((rows[:, 0] * (rows[:, 1] == 0), rows[:, 1]), dim=1)
 
     def apply(self, ps: Sequence[Tensor], ms: Sequence[Tensor], gs: Sequence[Tensor], step_size: Tensor,
@@ -572,8 +573,9 @@ class Kernel:
         """
         if self.compiled and self._apply_compiled(ps, ms, gs, step_size, decay, keep, beta1s, beta2s, rounding):
             return
-        if self._foreach is not None:
-            self._foreach.apply(ps, ms, gs, step_size, decay, keep, beta1s, beta2s, rounding)
+        multi = self._multi_tensor(ps[0].device)
+        if multi is not None:
+            multi.apply(ps, ms, gs, step_size, decay, keep, beta1s, beta2s, rounding)
             return
         _chunked_apply(ps, ms, gs, step_size, decay, keep, beta1s, beta2s, rounding)
 
@@ -631,7 +633,7 @@ class Kernel:
         key = (rounding.index, device)
         if self._where is None or self._where[0] != key:
             rows = _index_rows(rounding.index)
-            where = None if rows is None else _padded(_to_device(torch.tensor(rows, dtype=torch.int64), device), 1)
+            where = None if rows is None else _padded(to_device(torch.tensor(rows, dtype=torch.int64), device), 1)
             self._where = (key, where)
         return self._where[1]
 
@@ -641,7 +643,7 @@ class Kernel:
         if self._coefs is None or self._coefs[0] != key:
             host = torch.tensor([(b1, 1.0 - b1, b2, 1.0 - b2) for b1, b2 in zip(beta1s, beta2s)],
                                 dtype=torch.float64).to(F32)
-            self._coefs = (key, _to_device(host, device))
+            self._coefs = (key, to_device(host, device))
         return self._coefs[1]
 
     def _compiled_fn(self, kind: str, fn: Callable, layout: tuple, rounding: bool,

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lion_sf_dist.agreement_average import AgreementAverage
+from lion_sf_dist.devices import to_device
 from lion_sf_dist.kernel import Kernel, scales_from_counts
 from lion_sf_dist.layouts import Fragment, Layout, ParamLayout, Segment
 from lion_sf_dist.options import (
@@ -74,6 +75,10 @@ class LionSF(Optimizer):
             ``"group"`` or ``"global"``.
         negative: ``"abs"`` scales by ``|a|``; ``"clamp"`` by ``max(a, 0)``.
         agreement_ema: smooth the agreement with Lion's two betas (per-unit state).
+        foreach: ``True`` runs each stage over all tensors of a step with multi-tensor
+            (``torch._foreach_*``) ops, a constant number of dispatched ops per step;
+            ``False`` tensor by tensor in cache-sized chunks; ``None`` (default) multi-tensor
+            on every non-CPU device, chunked on CPU. Same maths (bitwise the same results).
 
     A unit whose gradient holds a NaN or Inf anywhere (on any rank) is skipped that step:
     its parameters and ``exp_avg`` keep their values. ``last_skipped`` counts such units.
@@ -94,6 +99,7 @@ class LionSF(Optimizer):
         agreement: Agreement = "tensor",
         negative: Negative = "abs",
         agreement_ema: bool = False,
+        foreach: Optional[bool] = None,
     ) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay)
         check_group_values(defaults)
@@ -106,7 +112,7 @@ class LionSF(Optimizer):
         self.agreement = agreement
         self.negative = negative
         self.agreement_ema = agreement_ema
-        self._kernel = Kernel(compiled=use_triton)
+        self._kernel = Kernel(compiled=use_triton, foreach=foreach)
         self._layout: Layout = ParamLayout()
         self._average = AgreementAverage()
         self._units: Optional[Units] = None
@@ -341,14 +347,14 @@ class LionSF(Optimizer):
             rows.append((-lr, 1.0 - lr * wd_eff, s.unit))
         key = tuple(rows)
         if self._hyper is None or self._hyper[0] != key:
-            self._hyper = (key, _to_device(torch.tensor(rows, dtype=torch.float64), live[0].p.device))
+            self._hyper = (key, to_device(torch.tensor(rows, dtype=torch.float64), live[0].p.device))
         return self._hyper[1]
 
     def _ema_betas(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """Each unit's ``(beta1, beta2)`` (those of its first parameter's group) on the device."""
         key = tuple(tuple(self._groups[g]["betas"]) for g in self.units.first_group)
         if self._unit_betas is None or self._unit_betas[0] != key:
-            betas = _to_device(torch.tensor(key, dtype=torch.float32).view(-1, 2), device)
+            betas = to_device(torch.tensor(key, dtype=torch.float32).view(-1, 2), device)
             self._unit_betas = (key, (betas[:, 0], betas[:, 1]))
         return self._unit_betas[1]
 
@@ -366,9 +372,9 @@ class LionSF(Optimizer):
             plan = _Plan(
                 device=device,
                 process_groups=list(groups.values()),
-                row_index=_to_device(torch.tensor([slot[id(s.process_group)] * n_units + s.unit for s in counted],
+                row_index=to_device(torch.tensor([slot[id(s.process_group)] * n_units + s.unit for s in counted],
                                                   dtype=torch.int64), device),
-                numel=_to_device(torch.tensor([s.p.numel() for s in counted], dtype=torch.int64).view(-1, 1), device),
+                numel=to_device(torch.tensor([s.p.numel() for s in counted], dtype=torch.int64).view(-1, 1), device),
             )
             self._plans = {key: plan}
         return plan
@@ -388,10 +394,3 @@ def _check_loadable(state_dict: dict[str, Any], params: list[Tensor]) -> None:
         if tuple(entry["exp_avg"].shape) != tuple(p.shape):
             raise ValueError(f"load_state_dict: exp_avg of parameter {i} has shape {tuple(entry['exp_avg'].shape)}, "
                              f"the parameter {tuple(p.shape)}: a state of another model?")
-
-
-def _to_device(host: Tensor, device: torch.device) -> Tensor:
-    """``host`` on ``device`` without blocking the host: through pinned memory for an accelerator."""
-    if device.type == "cpu":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)

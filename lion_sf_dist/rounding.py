@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lion_sf_dist._torch_private import version as tensor_version
+from lion_sf_dist.devices import to_device
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -144,9 +145,7 @@ class Rounding:
             host = [[mix64_int(mix64_int(self.seed * 4 + stream) ^ (tid * _GOLDEN)) for stream in (0, 1)]
                     for tid in self.ids]
             cpu = torch.tensor(host, dtype=torch.int64).view(len(self.ids), 2)
-            if self.step.device.type == "cuda":
-                cpu = cpu.pin_memory()
-            self._base_keys = cpu.to(self.step.device, non_blocking=True)
+            self._base_keys = to_device(cpu, self.step.device)
         return self._base_keys
 
     def keys(self) -> Tensor:

@@ -27,9 +27,7 @@ def _run(dtype: torch.dtype, foreach: bool, steps: int = 5, pow: float = 0.0):
     gen = torch.Generator().manual_seed(11)
     full = [(torch.randn(s, generator=gen) * 0.05).to(dtype) for s in SHAPES]
     lib = [t.clone().requires_grad_() for t in full]
-    opt = LionSF(lib, **HYPER[0], pow=pow)
-    if foreach:
-        opt._kernel = Kernel(False, foreach=True)
+    opt = LionSF(lib, **HYPER[0], pow=pow, foreach=foreach)
     ref = ReferenceLionSF([t.clone() for t in full], [f"t{i}" for i in range(len(full))], [0] * len(full), HYPER,
                           pow=pow)
     for _ in range(steps):
