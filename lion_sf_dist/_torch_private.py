@@ -8,7 +8,7 @@ Nothing else in the package names a private torch attribute or module.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -123,6 +123,19 @@ def dispatch_mode() -> type:
     return TorchDispatchMode
 
 
+def local_shape_and_offset(p: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shape and global offset of DTensor ``p``'s local shard on this rank.
+
+    ``torch.distributed.tensor._utils.compute_local_shape_and_global_offset`` is what
+    DTensor itself uses for checkpoints; stochastic rounding needs each local element's
+    index in the logical parameter.
+    """
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return tuple(shape), tuple(offset)
+
+
 def names() -> dict[str, bool]:
     """Whether each private name above still exists in the installed torch (pinned by a test)."""
     import torch.fx.experimental._config
@@ -140,6 +153,13 @@ def names() -> dict[str, bool]:
         "FailOnRecompileLimitHit": issubclass(recompile_limit_hit(), Exception),
         "torch.fx.experimental._config.use_duck_shape": hasattr(torch.fx.experimental._config, "use_duck_shape"),
         "TorchDispatchMode": isinstance(dispatch_mode(), type),
+        "compute_local_shape_and_global_offset": _has_local_offsets(),
         "OptimizedModule._orig_mod": compiled_inner_module(torch.compile(module)) is module,  # type: ignore[arg-type]
         "FSDP1 _fsdp_flattened": getattr(_common_utils, "FSDP_FLATTENED", None) == "_fsdp_flattened",
     }
+
+
+def _has_local_offsets() -> bool:
+    from torch.distributed.tensor import _utils
+
+    return callable(getattr(_utils, "compute_local_shape_and_global_offset", None))

@@ -33,6 +33,7 @@ from lion_sf_dist.options import (
     check_optimizer_values,
 )
 from lion_sf_dist.reduce import reduce_counts
+from lion_sf_dist.rounding import Rounding
 from lion_sf_dist.units import Units, assign_units
 
 # Hyper-parameters a checkpoint records; the first four may be copied from one (the others shape the optimizer).
@@ -79,6 +80,13 @@ class LionSF(Optimizer):
             (``torch._foreach_*``) ops, a constant number of dispatched ops per step;
             ``False`` tensor by tensor in cache-sized chunks; ``None`` (default) multi-tensor
             on every non-CPU device, chunked on CPU. Same maths (bitwise the same results).
+        state_dtype: the dtype of ``exp_avg`` (``None``: the parameter's). Whatever the
+            dtypes, the arithmetic runs in float32 and each result is rounded once when stored.
+        stochastic_rounding: store bfloat16 results (parameters, bf16 ``exp_avg``) rounded
+            up or down with probability proportional to the distance, with bits that depend
+            only on ``rounding_seed``, the step count and the element's place in the logical
+            parameter: the same at every world size and sharding.
+        rounding_seed: the seed of those bits.
 
     A unit whose gradient holds a NaN or Inf anywhere (on any rank) is skipped that step:
     its parameters and ``exp_avg`` keep their values. ``last_skipped`` counts such units.
@@ -100,6 +108,9 @@ class LionSF(Optimizer):
         negative: Negative = "abs",
         agreement_ema: bool = False,
         foreach: Optional[bool] = None,
+        state_dtype: Optional[torch.dtype] = None,
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay)
         check_group_values(defaults)
@@ -113,7 +124,14 @@ class LionSF(Optimizer):
         self.negative = negative
         self.agreement_ema = agreement_ema
         self._kernel = Kernel(compiled=use_triton, foreach=foreach)
+        self.state_dtype = state_dtype
+        self.stochastic_rounding = stochastic_rounding
+        self.rounding_seed = rounding_seed
+        # Steps taken with stochastic rounding: part of the bits' key (host int, saved in state_dict).
+        self.rounding_step = 0
+        self._rounding: Optional[tuple[tuple, Rounding]] = None
         self._layout: Layout = ParamLayout()
+        self._layout.state_dtype = state_dtype
         self._average = AgreementAverage()
         self._units: Optional[Units] = None
         self._plans: dict[tuple, _Plan] = {}
@@ -178,6 +196,7 @@ class LionSF(Optimizer):
 
         Called by :func:`lion_sf_dist.deepspeed.attach` with a ZeRO layout.
         """
+        layout.state_dtype = self.state_dtype
         layout.init_state(self.param_groups, self.state, self.original_params(), self.units)
         self._layout = layout
         self._plans.clear()
@@ -202,7 +221,10 @@ class LionSF(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim.Optimizer.state_dict`` after state has followed swapped parameters."""
         self._layout.init_state(self.param_groups, self.state, self.original_params(), self.units)
-        return super().state_dict()
+        out = super().state_dict()
+        if self.stochastic_rounding:
+            out["rounding_step"] = self.rounding_step
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``; also before :func:`~lion_sf_dist.deepspeed.attach`
@@ -213,6 +235,11 @@ class LionSF(Optimizer):
         """
         _check_loadable(state_dict, [p for group in self.param_groups for p in group["params"]])
         super().load_state_dict(state_dict)
+        if self.state_dtype is not None:  # torch casts loaded state to the parameter's dtype
+            for entry in self.state.values():
+                if "exp_avg" in entry:
+                    entry["exp_avg"] = entry["exp_avg"].to(self.state_dtype)
+        self.rounding_step = int(state_dict.get("rounding_step", self.rounding_step))
         self._layout.forget()
         self._average.adopt(self.state, self.units.count)
 
@@ -336,7 +363,24 @@ class LionSF(Optimizer):
         decay = torch.where(keep_seg, table[:, 1].float(), 1.0)
         self._kernel.apply([s.p for s in live], [s.m for s in live], [s.g for s in live], step_size, decay, keep_seg,
                            tuple(s.param_group["betas"][0] for s in live),
-                           tuple(s.param_group["betas"][1] for s in live))
+                           tuple(s.param_group["betas"][1] for s in live),
+                           rounding=self._rounding_for(live) if self.stochastic_rounding else None)
+
+    def _rounding_for(self, live: list[Segment]) -> Rounding:
+        """This step's stochastic-rounding description of ``live`` (kept while the segments stay the same)."""
+        key = tuple((s.param_id, s.index) for s in live)
+        if self._rounding is None or self._rounding[0] != key:
+            if any(s.index is None or s.param_id < 0 for s in live):
+                raise ValueError("stochastic_rounding needs each element's place in its logical parameter; this "
+                                 "layout does not give it (DTensor placements other than Shard/Replicate?)")
+            rounding = Rounding(self.rounding_seed, 0, [s.param_id for s in live],
+                                [s.index for s in live if s.index is not None])
+            rounding.device = live[0].p.device
+            self._rounding = (key, rounding)
+        rounding = self._rounding[1]
+        rounding.step = self.rounding_step
+        self.rounding_step += 1
+        return rounding
 
     def _hyper_table(self, live: list[Segment]) -> Tensor:
         """Per segment ``[-lr, 1 - lr * wd_eff, unit]`` on the device, rebuilt only when a value changes."""

@@ -124,12 +124,13 @@ class Rounding:
 
     ``ids[i]``: the logical parameter segment ``i`` belongs to (the same on every rank,
     e.g. its position in the model's parameter list); ``index[i]``: where its local
-    elements sit in that parameter. ``step`` is a 0-d int64 device tensor the caller
-    advances in place each step; a ``Rounding`` may be kept and reused while the segments
-    stay the same, and its per-segment keys then stay on the device.
+    elements sit in that parameter. ``step``: the step count, a Python int (set it before
+    each step; it enters the keys as a kernel scalar, no host-to-device copy) or a 0-d
+    int64 device tensor advanced in place. A ``Rounding`` may be kept and reused while the
+    segments stay the same; its per-segment keys then stay on the device.
     """
 
-    def __init__(self, seed: int, step: Tensor, ids: Sequence[int], index: Sequence[IndexMap]) -> None:
+    def __init__(self, seed: int, step: int | Tensor, ids: Sequence[int], index: Sequence[IndexMap]) -> None:
         if len(ids) != len(index):
             raise ValueError(f"Rounding: {len(ids)} ids for {len(index)} index maps")
         self.seed = seed
@@ -137,7 +138,8 @@ class Rounding:
         self.ids = tuple(ids)
         self.index = tuple(index)
         self._base_keys: Optional[Tensor] = None
-        self._keys: Optional[tuple[int, Tensor]] = None
+        self._keys: Optional[tuple[tuple, Tensor]] = None
+        self.device: Optional[torch.device] = None
 
     def base_keys(self) -> Tensor:
         """``[S, 2]`` int64 on the step's device: a key per segment and stream (0: ``p``, 1: ``exp_avg``)."""
@@ -145,15 +147,23 @@ class Rounding:
             host = [[mix64_int(mix64_int(self.seed * 4 + stream) ^ (tid * _GOLDEN)) for stream in (0, 1)]
                     for tid in self.ids]
             cpu = torch.tensor(host, dtype=torch.int64).view(len(self.ids), 2)
-            self._base_keys = to_device(cpu, self.step.device)
+            self._base_keys = to_device(cpu, self._device())
         return self._base_keys
 
     def keys(self) -> Tensor:
         """``[S, 2]`` int64: this step's keys (mixed with ``step``), computed once per step value."""
-        version = tensor_version(self.step)
-        if self._keys is None or self._keys[0] != version:
-            self._keys = (version, step_keys(self.base_keys(), self.step))
+        step = self.step
+        stamp = ("int", step) if isinstance(step, int) else ("tensor", id(step), tensor_version(step))
+        if self._keys is None or self._keys[0] != stamp:
+            self._keys = (stamp, step_keys(self.base_keys(), step))
         return self._keys[1]
+
+    def _device(self) -> torch.device:
+        if isinstance(self.step, Tensor):
+            return self.step.device
+        if self.device is None:
+            raise ValueError("Rounding with an int step needs its device: set Rounding.device")
+        return self.device
 
     def bits(self, seg: int, stream: int, start: int, shape: torch.Size, device: torch.device) -> Tensor:
         """16 random bits (int64 in ``[0, 2**16)``) shaped ``shape``, for local positions ``start ..`` of ``seg``."""
@@ -163,9 +173,11 @@ class Rounding:
         return random16(self.keys()[seg, stream], self.index[seg].positions(start, n, device)).view(shape)
 
 
-def step_keys(base: Tensor, step: Tensor) -> Tensor:
-    """Per-step keys from per-segment base keys and the step count (both int64 tensors)."""
-    return mix64(base + step * _signed(_GOLDEN))
+def step_keys(base: Tensor, step: int | Tensor) -> Tensor:
+    """Per-step keys from per-segment base keys (int64 tensor) and the step count (int or int64 tensor)."""
+    if isinstance(step, Tensor):
+        return mix64(base + step * _signed(_GOLDEN))
+    return mix64(base + _signed(step * _GOLDEN))
 
 
 def random16(key: Tensor, index: Tensor) -> Tensor:

@@ -34,14 +34,14 @@ class ReferenceLionSF:
     """Full (unsharded) tensors in, docs/CONTRACT.md section 2 out; state kept here."""
 
     def __init__(self, params, names, groups, hyper, agreement="tensor", pow=1.0, decoupled=False,
-                 initial_lr=None, negative="abs", agreement_ema=False):
+                 initial_lr=None, negative="abs", agreement_ema=False, state_dtype=None):
         self.params = params
         self.hyper = hyper  # per group: dict(lr, betas, weight_decay)
         self.groups = groups  # group index of each parameter
         self.keys = units_of(names, groups, agreement)
         self.pow, self.decoupled, self.negative, self.ema_on = pow, decoupled, negative, agreement_ema
         self.initial_lr = initial_lr if initial_lr is not None else hyper[0]["lr"]
-        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg = [torch.zeros_like(p, dtype=state_dtype or p.dtype) for p in params]
         self.ema = {}
         self.last_fp32: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 

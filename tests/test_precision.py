@@ -173,3 +173,53 @@ def test_bits_from_the_local_position_are_caught(monkeypatch):
         IndexMap(0, self.sizes, self.strides), start, n, device))
     with pytest.raises(AssertionError, match="drew different bits"):
         test_stochastic_bits_follow_the_logical_index(False, monkeypatch)
+
+
+# -- through the optimizer ---------------------------------------------------------------
+
+def test_state_dtype_bf16_with_fp32_params_matches_reference():
+    """``state_dtype=torch.bfloat16``: bf16 ``exp_avg`` beside fp32 parameters, float32 maths, one rounding."""
+    gen = torch.Generator().manual_seed(4)
+    full = [torch.randn(s, generator=gen) * 0.05 for s in SHAPES]
+    lib = [t.clone().requires_grad_() for t in full]
+    opt = LionSF(lib, **HYPER[0], pow=0.0, state_dtype=torch.bfloat16)
+    ref = ReferenceLionSF([t.clone() for t in full], [f"t{i}" for i in range(len(full))], [0] * len(full), HYPER,
+                          pow=0.0, state_dtype=torch.bfloat16)
+    for _ in range(4):
+        grads = [torch.randn(s, generator=gen) * 0.1 for s in SHAPES]
+        for p, g in zip(lib, grads):
+            p.grad = g.clone()
+        opt.step()
+        ref.step([g.clone() for g in grads])
+    assert opt.state[lib[0]]["exp_avg"].dtype == torch.bfloat16 and lib[0].dtype == torch.float32
+    _assert_bitwise(opt, lib, ref)
+
+
+def test_stochastic_rounding_moves_small_updates_and_restarts_with_the_same_bits():
+    """The issue's example: bf16 weights (std 0.02), lr 1e-4, 20 steps. Rounded to nearest a fifth never move;
+    rounded stochastically far fewer do (those whose steps cancel). A state_dict taken mid-way replays the same bits."""
+    gen = torch.Generator().manual_seed(8)
+    init = (torch.randn(4096, generator=gen) * 0.02).to(torch.bfloat16)
+    grads = [torch.randn(4096, generator=gen).to(torch.bfloat16) for _ in range(20)]
+
+    def run(opt: LionSF, p: torch.Tensor, steps: range) -> None:
+        for k in steps:
+            p.grad = grads[k].clone()
+            opt.step()
+
+    nearest = init.clone().requires_grad_()
+    run(LionSF([nearest], lr=1e-4, pow=0.0), nearest, range(20))
+    stochastic = init.clone().requires_grad_()
+    opt = LionSF([stochastic], lr=1e-4, pow=0.0, stochastic_rounding=True, rounding_seed=3)
+    run(opt, stochastic, range(10))
+    saved = opt.state_dict()
+    saved["state"] = {k: {n: v.clone() for n, v in e.items()} for k, e in saved["state"].items()}
+    restarted = stochastic.detach().clone().requires_grad_()
+    run(opt, stochastic, range(10, 20))
+    again = LionSF([restarted], lr=1e-4, pow=0.0, stochastic_rounding=True, rounding_seed=3)
+    again.load_state_dict(saved)
+    run(again, restarted, range(10, 20))
+    never_nearest = (nearest.detach() == init).float().mean().item()
+    never_stochastic = (stochastic.detach() == init).float().mean().item()
+    assert never_nearest > 0.1 and never_stochastic < never_nearest / 3, (never_nearest, never_stochastic)
+    assert torch.equal(restarted.detach(), stochastic.detach()), "the restart drew other bits"

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lion_sf_dist.rounding import IndexMap
 from lion_sf_dist.units import Units
 
 ParamGroups = Sequence[dict[str, Any]]
@@ -29,7 +30,9 @@ class Segment:
     ``process_group`` is the group over which this piece's counts are summed so that every
     element of the logical parameter is counted once (``None``: this rank holds all of
     them). ``counted`` is false on a rank holding a replica of elements another rank of
-    ``process_group`` already counts.
+    ``process_group`` already counts. For stochastic rounding, ``param_id`` names the
+    logical parameter alike on every rank (its position among the optimizer's parameters)
+    and ``index`` says where the local elements sit in it (``None``: a layout that cannot say).
     """
 
     p: Tensor
@@ -39,6 +42,8 @@ class Segment:
     param_group: dict[str, Any]
     process_group: Optional[dist.ProcessGroup] = None
     counted: bool = True
+    param_id: int = -1
+    index: Optional[IndexMap] = None
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,10 @@ class Fragment:
 class Layout(Protocol):
     """One way of holding parameters. The optimizer calls, in this order per step:
     :meth:`init_state` (cheap when nothing changed), :meth:`segments`, then, when
-    segments came back and were stepped, :meth:`finish`."""
+    segments came back and were stepped, :meth:`finish`. ``state_dtype`` (set by the
+    optimizer): the dtype of the ``exp_avg`` it creates (``None``: the parameter's)."""
+
+    state_dtype: Optional[torch.dtype]
 
     def init_state(self, param_groups: ParamGroups, state: State, original: Sequence[Sequence[Optional[Tensor]]],
                    units: Units) -> None:

@@ -12,12 +12,13 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from lion_sf_dist._torch_private import is_fsdp1_flat_param
+from lion_sf_dist._torch_private import is_fsdp1_flat_param, local_shape_and_offset
 from lion_sf_dist.layouts.base import Fragment, ParamGroups, Segment, State
 from lion_sf_dist.layouts.dtensor import check_grad_layout, reduction_for
 from lion_sf_dist.layouts.zero_internals import flattened_by_deepspeed
+from lion_sf_dist.rounding import IndexMap
 from lion_sf_dist.units import Units
 
 _FSDP1_HELP = (
@@ -56,6 +57,7 @@ class ParamLayout:
 
     def __init__(self) -> None:
         self._seen: list[Tensor] = []
+        self.state_dtype: Optional[torch.dtype] = None
 
     def init_state(self, param_groups: ParamGroups, state: State, original: Sequence[Sequence[Optional[Tensor]]],
                    units: Units) -> None:
@@ -71,7 +73,7 @@ class ParamLayout:
                 continue
             old = self._seen[i] if i < len(self._seen) else None
             old_exp_avg = state.get(old, {}).get("exp_avg") if old is not None else None
-            state[p] = {"exp_avg": _follow(old_exp_avg, p)}
+            state[p] = {"exp_avg": _follow(old_exp_avg, p, self.state_dtype or p.dtype)}
         for stale in [k for k in state if isinstance(k, Tensor) and id(k) not in held]:
             del state[stale]
         self._seen = current
@@ -87,8 +89,10 @@ class ParamLayout:
         is empty contributes nothing to count but its rank still joins the reduction.
         """
         segments = []
+        position = -1
         for group, unit_ids in zip(param_groups, units.ids):
             for p, unit in zip(group["params"], unit_ids):
+                position += 1
                 if is_fsdp1_flat_param(p):  # wrapped by FSDP1 after the optimizer was built
                     raise ValueError(_FSDP1_HELP)
                 g = p.grad
@@ -105,9 +109,10 @@ class ParamLayout:
                     check_grad_layout(p, g)
                     process_group, counted = reduction_for(p.device_mesh, p.placements)
                     segments.append(Segment(p.to_local(), g.to_local(), m.to_local(), unit, group, process_group,
-                                            counted))
+                                            counted, position, shard_index(p)))
                 else:
-                    segments.append(Segment(p, g, m, unit, group))
+                    segments.append(Segment(p, g, m, unit, group, param_id=position,
+                                            index=IndexMap.slice(0, p.numel())))
         return segments
 
     def finish(self) -> None:
@@ -122,11 +127,20 @@ class ParamLayout:
         """Nothing to refresh: the model computes with the tensors that were written."""
 
 
-def _follow(old: Optional[Tensor], p: Tensor) -> Tensor:
-    """``exp_avg`` for ``p``: ``old`` re-laid out like ``p`` when it has ``p``'s logical shape, else zeros."""
+def _follow(old: Optional[Tensor], p: Tensor, dtype: torch.dtype) -> Tensor:
+    """``exp_avg`` of ``dtype`` for ``p``: ``old`` laid out like ``p`` when of ``p``'s logical shape, else zeros."""
     if old is None or old.shape != p.shape:
-        return torch.zeros_like(p, memory_format=torch.preserve_format)
+        return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
     full = old.full_tensor() if isinstance(old, DTensor) else old
     if isinstance(p, DTensor):
-        return distribute_tensor(full.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
-    return full.to(dtype=p.dtype, device=p.device).clone()
+        return distribute_tensor(full.to(dtype), p.device_mesh, p.placements, src_data_rank=None)
+    return full.to(dtype=dtype, device=p.device).clone()
+
+
+def shard_index(p: DTensor) -> Optional[IndexMap]:
+    """Where ``p``'s local shard sits in the logical parameter, when it is one block (``Shard``/``Replicate``
+    placements); ``None`` for other placements (strided shards of FSDP2 with tensor parallelism)."""
+    if not all(isinstance(pl, (Shard, Replicate)) and type(pl) in (Shard, Replicate) for pl in p.placements):
+        return None
+    local_shape, offsets = local_shape_and_offset(p)
+    return IndexMap.shard(p.shape, local_shape, offsets)

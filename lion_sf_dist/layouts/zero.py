@@ -23,6 +23,7 @@ from torch import Tensor
 
 from lion_sf_dist.layouts.base import Fragment, ParamGroups, Segment, State
 from lion_sf_dist.layouts.zero_internals import Partition, partitions_of, refresh_bit16
+from lion_sf_dist.rounding import IndexMap
 from lion_sf_dist.units import Units
 
 
@@ -50,6 +51,8 @@ class ZeroLayout:
         self._pending: dict[int, _Call] = {}
         self._units: Optional[list[list[int]]] = None
         self._deferred: list[Partition] = []
+        self._position: dict[int, int] = {}
+        self.state_dtype: Optional[torch.dtype] = None
 
     def init_state(self, param_groups: ParamGroups, state: State, original: Sequence[Sequence[Optional[Tensor]]],
                    units: Units) -> None:
@@ -60,13 +63,15 @@ class ZeroLayout:
         if unknown:
             raise RuntimeError(f"lion_sf_dist: DeepSpeed partitions hold parameters (shapes {unknown}) "
                                "that the LionSF was not constructed with")
+        self._position = {id(p): i for i, p in enumerate(p for ps in original for p in ps) if p is not None}
+        dtype = self.state_dtype or None
         new_state: State = {}
         for part in self.partitions:
             loaded = state.get(part.flat, {}).get("exp_avg")
             if loaded is not None and loaded.shape == part.flat.shape:
-                new_state[part.flat] = dict(state[part.flat])
+                new_state[part.flat] = {**state[part.flat], "exp_avg": loaded.to(dtype or loaded.dtype)}
                 continue
-            exp_avg = torch.zeros_like(part.flat)
+            exp_avg = torch.zeros_like(part.flat, dtype=dtype)
             for f in part.slices:
                 old = state.get(f.param, {}).get("exp_avg")
                 if old is not None and f.numel:
@@ -107,7 +112,8 @@ class ZeroLayout:
             for f, unit in zip(part.slices, self._units[k]):
                 lo, hi = f.flat_offset, f.flat_offset + f.numel
                 segments.append(Segment(part.flat.data[lo:hi], call.grad[lo:hi], m[lo:hi], unit, call.param_group,
-                                        part.process_group))
+                                        part.process_group, param_id=self._position.get(id(f.param), -1),
+                                        index=IndexMap.slice(f.param_offset, f.numel)))
         return segments
 
     def finish(self) -> None:
