@@ -233,7 +233,7 @@ class _ForeachKernel:
     """Each stage over all tensors of a step with ``torch._foreach_*`` ops.
 
     Tensors are grouped by ``(beta1, beta2)`` (``add`` with ``alpha`` takes one scalar per
-    call) and by whether ``p``/``exp_avg`` are float32 (low-precision ones are promoted to
+    call) and by the dtypes of ``p``/``exp_avg`` (low-precision ones are promoted to
     float32 by multiplying with a ``(1,)``-shaped float32 tensor, which is exact, and are
     written back once at the end). The dispatched ops per step are a constant per group,
     not per tensor or element; on CUDA the calls whose second list holds per-tensor
@@ -328,9 +328,10 @@ class _ForeachKernel:
         decays = decay.view(-1, 1).unbind(0)
         keeps = keep.to(F32).view(-1, 1).unbind(0)
         b2k = torch.where(keep, self.beta2_vector(beta2s, device), 1.0).view(-1, 1).unbind(0)
-        groups = _groups([(beta1s[i], beta2s[i], ps[i].dtype != F32, ms[i].dtype != F32) for i in dense])
+        groups = _groups([(beta1s[i], beta2s[i], ps[i].dtype, ms[i].dtype) for i in dense])
         # p first, from the old m; then clean the gradients of skipped units; then m
-        for (b1, _, p_low, m_low), idx in groups.items():
+        for (b1, _, p_dtype, m_dtype), idx in groups.items():
+            p_low, m_low = p_dtype != F32, m_dtype != F32
             at = [dense[j] for j in idx]
             m_ = _pick(mf, idx)
             if m_low:
@@ -350,7 +351,8 @@ class _ForeachKernel:
                 self._store(p_, p32, rounding, at, 0)
         torch._foreach_mul_(list(gf), _pick(keeps, dense))
         gathered.nan_to_num_(0.0, 0.0, 0.0)
-        for (_, b2, _, m_low), idx in groups.items():
+        for (_, b2, _, m_dtype), idx in groups.items():
+            m_low = m_dtype != F32
             at = [dense[j] for j in idx]
             m_ = _pick(mf, idx)
             m32 = torch._foreach_mul(m_, _pick(b2k, at)) if m_low else m_

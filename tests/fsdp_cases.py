@@ -26,7 +26,19 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "group": {"agreement": "group", "pow": 2.0},
     "global": {"agreement": "global", "decoupled_weight_decay": True},
     "ema": {"agreement": "module", "agreement_ema": True, "negative": "clamp", "pow": 0.5},
+    # bf16 exp_avg rounded stochastically: the bits follow each element's logical index, so
+    # every sharding stores the same values (no reference: it cannot draw the library's bits)
+    "bf16_sr": {"agreement": "tensor", "state_dtype": torch.bfloat16, "stochastic_rounding": True},
 }
+WITHOUT_REFERENCE = ("bf16_sr",)
+# Layouts whose shards are not one block of the logical tensor (FSDP2 over tensor parallelism
+# shards with strided placements): stochastic rounding refuses them with an error for now.
+STRIDED_LAYOUTS = ("tp_fsdp",)
+
+
+def runs(layout: str, option: str) -> bool:
+    """Whether ``option`` runs on ``layout``."""
+    return not (OPTIONS[option].get("stochastic_rounding") and layout in STRIDED_LAYOUTS)
 BAD_STEP = STEPS - 1  # in "nonfinite" runs, this step's a.weight gradient has an Inf in its last row
 NO_GRAD = ("b.bias", 1)  # this parameter has no gradient at this step
 
