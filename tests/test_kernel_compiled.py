@@ -43,7 +43,10 @@ def _pair_step(compiled: Kernel, eager: Kernel, state: dict, idx: list[int], b1:
         torch.testing.assert_close(ps_c[j], ps_e[j], rtol=2.0**-22, atol=1e-8 if dtype == torch.float32 else 2.0**-7)
 
 
-def test_changing_betas_and_tensor_sets_compile_within_a_bound(monkeypatch):
+@pytest.mark.parametrize("batch", [1, 4], ids=["cpu-batches", "gpu-batches"])
+def test_changing_betas_and_tensor_sets_compile_within_a_bound(monkeypatch, batch):
+    """CPU calls take one tensor; GPU calls several, the last batch padded with dummies (run here on CPU)."""
+    monkeypatch.setattr(kernel, "COMPILE_BATCH", {"cpu": batch})
     monkeypatch.setattr(kernel, "_variants", {"count": set(), "apply": set()})
     monkeypatch.setattr(kernel, "MAX_COMPILED_VARIANTS", 2)
     gen = torch.Generator().manual_seed(0)
