@@ -229,6 +229,12 @@ def _pick(xs: Sequence, idx: Sequence[int]) -> list:
     return [xs[i] for i in idx]
 
 
+def _where_in_memory(t: Tensor) -> tuple:
+    """Identifies the elements ``t`` views: address, layout, dtype (meta tensors have no address: their identity)."""
+    address = id(t) if t.device.type == "meta" else t.data_ptr()
+    return (t.device, t.dtype, address, tuple(t.shape), t.stride())
+
+
 class _ForeachKernel:
     """Each stage over all tensors of a step with ``torch._foreach_*`` ops.
 
@@ -251,23 +257,29 @@ class _ForeachKernel:
     """
 
     def __init__(self) -> None:
-        self._views: dict[int, tuple[Tensor, Tensor]] = {}
+        self._views: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._consts: Optional[tuple[tuple, Tensor]] = None
         self._inverse: Optional[tuple[tuple, Tensor]] = None
 
     def flat(self, t: Tensor) -> Tensor:
-        """A flat view of ``t``, remembered while ``t`` lives (one ``view`` op the first time)."""
-        hit = self._views.get(id(t))
-        if hit is not None and hit[0] is t:
+        """A flat view of ``t``'s elements, remembered from step to step (one ``view`` op the first time).
+
+        Keyed by where the elements live, not by the tensor object: ``DTensor.to_local()``
+        returns a new alias each step. The remembered view keeps its storage alive, so no
+        other tensor can later appear at the same address.
+        """
+        key = _where_in_memory(t)
+        hit = self._views.get(key)
+        if hit is not None:
             return hit[1]
         view = t.view(-1)
-        self._views[id(t)] = (t, view)
+        self._views[key] = (t, view)
         return view
 
     def forget_unused(self, live: Sequence[Tensor]) -> None:
-        ids = set(map(id, live))
-        if any(k not in ids for k in self._views):
-            self._views = {k: v for k, v in self._views.items() if k in ids}
+        keys = set(map(_where_in_memory, live))
+        if any(k not in keys for k in self._views):
+            self._views = {k: v for k, v in self._views.items() if k in keys}
 
     def beta2_vector(self, beta2s: Sequence[float], device: torch.device) -> Tensor:
         """``beta2`` per segment on ``device``, rebuilt only when the betas change."""

@@ -143,3 +143,19 @@ def test_compiled_path_options_fit_the_device(monkeypatch):
     kernel._compile(kernel._compiled_count, torch.device("cpu"))
     kernel._compile(kernel._compiled_count, torch.device("meta"))
     assert seen == [{"cpp.dynamic_threads": True}, {}]
+
+
+def test_foreach_views_survive_new_aliases():
+    """``DTensor.to_local()`` hands a new alias of the same shard each step: no per-tensor ``view`` op follows."""
+    ps, ms, gs = (list(t) for t in _case([torch.float32] * 6)[:3])
+    n = len(ps)
+    kern = Kernel(False, foreach=True)
+    args = (torch.zeros(n), torch.ones(n), torch.ones(n, dtype=torch.bool), BETAS1, BETAS2)
+
+    def aliased() -> None:
+        kern.apply([p.view(p.shape) for p in ps], [m.view(m.shape) for m in ms], gs, *args)
+
+    kern.apply(ps, ms, gs, *args)
+    same = count_ops(lambda: kern.apply(ps, ms, gs, *args))  # warm: the views are remembered
+    fresh = count_ops(aliased)
+    assert fresh.ops["view"] - 2 * n == same.ops["view"], (fresh.ops["view"], same.ops["view"])  # the aliases only
