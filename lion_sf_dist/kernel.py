@@ -229,6 +229,46 @@ def _pick(xs: Sequence, idx: Sequence[int]) -> list:
     return [xs[i] for i in idx]
 
 
+class _Views:
+    """Flat, detached views of tensors that persist from step to step (parameters, ``exp_avg``).
+
+    Keyed by where the elements live, not by the tensor object: ``DTensor.to_local()``
+    returns a new alias each step. A remembered view keeps its storage alive, so no other
+    tensor can later appear at the same address. Non-contiguous tensors are only detached.
+    """
+
+    def __init__(self) -> None:
+        self._views: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def flat(self, t: Tensor) -> Tensor:
+        key = _where_in_memory(t)
+        hit = self._views.get(key)
+        if hit is not None:
+            return hit[1]
+        view = _flat(t).detach()
+        self._views[key] = (t, view)
+        return view
+
+    def persistent(self, ts: Sequence[Tensor]) -> list[Tensor]:
+        """:meth:`flat` of each of ``ts``."""
+        return [self.flat(t) for t in ts]
+
+    def forget_unused(self, live: Sequence[Tensor]) -> None:
+        keys = set(map(_where_in_memory, live))
+        if any(k not in keys for k in self._views):
+            self._views = {k: v for k, v in self._views.items() if k in keys}
+
+
+def _detached_flat(ts: Sequence[Tensor]) -> list[Tensor]:
+    """Flat (when contiguous) detached views of tensors that change every step (gradients).
+
+    Compiled calls take tensors flat and detached (same storage, no ``_base``): dynamo
+    guards on a view's base, which would make views of differently shaped parameters, and
+    the dummies, graphs of their own.
+    """
+    return [_flat(t).detach() for t in ts]
+
+
 def _where_in_memory(t: Tensor) -> tuple:
     """Identifies the elements ``t`` views: address, layout, dtype (meta tensors have no address: their identity)."""
     address = id(t) if t.device.type == "meta" else t.data_ptr()
@@ -257,29 +297,9 @@ class _ForeachKernel:
     """
 
     def __init__(self) -> None:
-        self._views: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self.views = _Views()
         self._consts: Optional[tuple[tuple, Tensor]] = None
         self._inverse: Optional[tuple[tuple, Tensor]] = None
-
-    def flat(self, t: Tensor) -> Tensor:
-        """A flat view of ``t``'s elements, remembered from step to step (one ``view`` op the first time).
-
-        Keyed by where the elements live, not by the tensor object: ``DTensor.to_local()``
-        returns a new alias each step. The remembered view keeps its storage alive, so no
-        other tensor can later appear at the same address.
-        """
-        key = _where_in_memory(t)
-        hit = self._views.get(key)
-        if hit is not None:
-            return hit[1]
-        view = t.view(-1)
-        self._views[key] = (t, view)
-        return view
-
-    def forget_unused(self, live: Sequence[Tensor]) -> None:
-        keys = set(map(_where_in_memory, live))
-        if any(k not in keys for k in self._views):
-            self._views = {k: v for k, v in self._views.items() if k in keys}
 
     def beta2_vector(self, beta2s: Sequence[float], device: torch.device) -> Tensor:
         """``beta2`` per segment on ``device``, rebuilt only when the betas change."""
@@ -332,9 +352,9 @@ class _ForeachKernel:
                            only=sorted(set(range(n)) - set(dense)))
         if not dense:
             return
-        self.forget_unused([*ps, *ms])
-        pf = [self.flat(ps[i]) for i in dense]
-        mf = [self.flat(ms[i]) for i in dense]
+        self.views.forget_unused([*ps, *ms])
+        pf = [self.views.flat(ps[i]) for i in dense]
+        mf = [self.views.flat(ms[i]) for i in dense]
         gathered, gf = _gather_f32([gs[i] for i in dense], device)
         steps = step_size.view(-1, 1).unbind(0)
         decays = decay.view(-1, 1).unbind(0)
@@ -417,9 +437,10 @@ def _gather_f32(gs: Sequence[Tensor], device: torch.device) -> tuple[Tensor, lis
 # Tensors per compiled call, by device type. Sizes are dynamic and tensors flat, so one
 # graph serves every batch of one dtype pattern: compile time is that of one batch, whatever
 # the model, and a model whose set of tensors changes (frozen layers, MoE) keeps its graphs.
-# On CPU one tensor per call: the 144-tensor bench model compiled cold in 24.5 s (8 per call:
-# 51-82 s) and stepped as fast (2.47x vs 2.38x AdamW fused, same loaded run). On GPUs a call's
-# guards cost host time the kernels do not hide, so calls carry 8 tensors.
+# On CPU one tensor per call: the 144-tensor bench model compiles cold in 12-15 s and steps
+# at 1.8x AdamW(fused); graphs of 4 or 8 tensors generated loops several times slower here
+# (5x AdamW fused) and compiled for 50-80 s. On GPUs a call's guards (~80 us) cost host
+# time the kernels do not hide, so calls carry 8 tensors (not measured on a GPU yet).
 COMPILE_BATCH = {"cpu": 1}
 DEFAULT_COMPILE_BATCH = 8
 
@@ -439,20 +460,29 @@ def _flat(t: Tensor) -> Tensor:
     return t.view(-1) if t.is_contiguous() else t
 
 
-def _compiled_count(ms: list[Tensor], gs: list[Tensor], coefs: Tensor) -> Tensor:
-    """``[K, 2]`` counts of every ``(m, g)``; ``coefs[i] = (b1, 1 - b1, b2, 1 - b2)`` in float32."""
+def _compiled_count(ms: list[Tensor], gs: list[Tensor], coefs: Tensor, take: Tensor) -> Tensor:
+    """``[K, 2]`` counts of every ``(m, g)``; ``coefs[take[i]] = (b1, 1 - b1, b2, 1 - b2)`` in float32.
+
+    (The per-segment tables come whole with the batch's rows ``take``: indexing inside the
+    graph costs nothing, outside it an op per call.)
+    """
+    coefs = coefs[take]
     return torch.stack([count_agreement(_flat(m), _flat(g), (coefs[i, 0], coefs[i, 1]))
                         for i, (m, g) in enumerate(zip(ms, gs))])
 
 
 def _compiled_apply(ps: list[Tensor], ms: list[Tensor], gs: list[Tensor], step_size: Tensor, decay: Tensor,
-                    keep: Tensor, coefs: Tensor, keys: Optional[Tensor], where: Optional[Tensor]) -> None:
-    """:func:`apply_update` of every tensor; with ``keys`` (``[K, 2]``) stochastic rounding.
+                    keep: Tensor, coefs: Tensor, keys: Optional[Tensor], where: Optional[Tensor], take: Tensor) -> None:
+    """:func:`apply_update` of every tensor; with ``keys`` (``[K, 2]``) stochastic rounding. All tables
+    come whole, with the batch's rows ``take``.
 
     ``where[i] = (base, outer stride, inner stride, inner size)``: local flat position ``j``
     is logical element ``base + (j // inner size) * outer stride + (j % inner size) * inner stride``
     (an :class:`IndexMap` of at most two merged dims, as tensors so that no offset is compiled in).
     """
+    step_size, decay, keep, coefs = step_size[take], decay[take], keep[take], coefs[take]
+    keys = None if keys is None else keys[take]
+    where = None if where is None else where[take]
     for i, (p, m, g) in enumerate(zip(ps, ms, gs)):
         pf, mf, gf = _flat(p), _flat(m), _flat(g)
         draws = None
@@ -524,15 +554,10 @@ class _Batches:
                         for kind, _ in self.batches}
 
     def lists(self, b: int, *tensor_lists: Sequence[Tensor]) -> list[list[Tensor]]:
-        """The ``b``-th batch of each list, padded with the batch's dummies.
-
-        Tensors go in flat and detached (same storage, no ``_base``): dynamo guards on a
-        view's base, which would make views of differently shaped parameters, and the
-        dummies, graphs of their own.
-        """
+        """The ``b``-th batch of each (already flat and detached) list, padded with the batch's dummies."""
         kind, part = self.batches[b]
         dummies = self.dummies[kind]
-        return [[_flat(ts[i]).detach() if i < len(ts) else dummies[k][slot] for slot, i in enumerate(part)]
+        return [[ts[i] if i < len(ts) else dummies[k][slot] for slot, i in enumerate(part)]
                 for k, ts in enumerate(tensor_lists)]
 
 
@@ -567,6 +592,7 @@ class Kernel:
         self._coefs: Optional[tuple[tuple, Tensor]] = None
         self._batches: Optional[tuple[tuple, _Batches]] = None
         self._where: Optional[tuple[tuple, Optional[Tensor]]] = None
+        self._views = _Views()
         self._warned = False
 
     def _multi_tensor(self, device: torch.device) -> Optional[_ForeachKernel]:
@@ -607,13 +633,14 @@ class Kernel:
     def _count_compiled(self, ms: Sequence[Tensor], gs: Sequence[Tensor], beta1s: Sequence[float]) -> Optional[Tensor]:
         device = ms[0].device
         plan = self._plan((ms, gs), device)
-        coefs = _padded(self._coef_tensor(beta1s, beta1s, device), 0.0)
+        coefs = self._coef_tensor(beta1s, beta1s, device, padded=True)
+        ms, gs = self._views.persistent(ms), _detached_flat(gs)
         parts = []
         for b, take in enumerate(plan.take):
             fn = self._compiled_fn("count", _compiled_count, plan.batches[b][0], False, device)
             if fn is None:
                 return None
-            done, rows = fn(*plan.lists(b, ms, gs), coefs[take])
+            done, rows = fn(*plan.lists(b, ms, gs), coefs, take)
             if not done:
                 return None
             parts.append(rows)
@@ -634,12 +661,13 @@ class Kernel:
             if fn is None:
                 return False
             fns.append(fn)
-        coefs = _padded(self._coef_tensor(beta1s, beta2s, device), 0.0)
+        coefs = self._coef_tensor(beta1s, beta2s, device, padded=True)
         step_size, decay, keep = _padded(step_size, 0.0), _padded(decay, 1.0), _padded(keep, False)
         keys = _padded(rounding.keys(), 0) if rounding is not None else None
+        self._views.forget_unused([*ps, *ms])
+        lists = self._views.persistent(ps), self._views.persistent(ms), _detached_flat(gs)
         for b, (fn, take) in enumerate(zip(fns, plan.take)):
-            done, _ = fn(*plan.lists(b, ps, ms, gs), step_size[take], decay[take], keep[take], coefs[take],
-                         None if keys is None else keys[take], None if where is None else where[take])
+            done, _ = fn(*plan.lists(b, *lists), step_size, decay, keep, coefs, keys, where, take)
             if not done:  # only the first batch can fail (a new graph): nothing was written yet
                 if b:
                     raise RuntimeError("LionSF's compiled kernel failed after part of the step was applied")
@@ -660,12 +688,14 @@ class Kernel:
             self._where = (key, where)
         return self._where[1]
 
-    def _coef_tensor(self, beta1s: Sequence[float], beta2s: Sequence[float], device: torch.device) -> Tensor:
-        """``[S, 4]`` float32 ``(b1, 1 - b1, b2, 1 - b2)`` on ``device``, rebuilt only when the betas change."""
-        key = (tuple(beta1s), tuple(beta2s), device)
+    def _coef_tensor(self, beta1s: Sequence[float], beta2s: Sequence[float], device: torch.device,
+                     padded: bool = False) -> Tensor:
+        """``[S, 4]`` float32 ``(b1, 1 - b1, b2, 1 - b2)`` on ``device`` (``padded``: and a zero row for dummies),
+        rebuilt only when the betas change."""
+        key = (tuple(beta1s), tuple(beta2s), device, padded)
         if self._coefs is None or self._coefs[0] != key:
-            host = torch.tensor([(b1, 1.0 - b1, b2, 1.0 - b2) for b1, b2 in zip(beta1s, beta2s)],
-                                dtype=torch.float64).to(F32)
+            rows = [(b1, 1.0 - b1, b2, 1.0 - b2) for b1, b2 in zip(beta1s, beta2s)] + ([(0.0,) * 4] if padded else [])
+            host = torch.tensor(rows, dtype=torch.float64).to(F32)
             self._coefs = (key, to_device(host, device))
         return self._coefs[1]
 
