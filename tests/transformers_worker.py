@@ -1,0 +1,198 @@
+"""HF Trainer cases for ``tests/test_transformers.py``, run inside one spawned gloo group.
+
+The model (57 elements in 6 tensors, a LayerNorm among them so the Trainer's decay /
+no-decay split has something to split) trains on a fixed dataset read in order
+(``train_sampling_strategy="sequential"``): accelerate hands rank ``r`` the per-device
+batches ``r, r + W, ...``, so global step ``k`` is samples ``[k*B*W, (k+1)*B*W)``. A
+shuffling sampler would give the single-process reference other batches.
+
+The single-process reference computes the gradient of each rank's half separately and
+adds the halves scaled by ``1/W``, which is what the engines' gradient averaging computes;
+at ``W = 2`` scaling by 1/2 is exact in floating point, so the comparison is bitwise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from lion_sf_dist import LionSF
+
+PER_DEVICE = 2
+STEPS = 4
+LR = 1e-2
+DECAY = 0.1
+BETAS = (0.9, 0.99)
+
+
+class Tiny(torch.nn.Module):
+    """A model the Trainer can drive: ``forward(x, labels)`` returns ``{"loss", "logits"}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = torch.nn.Linear(6, 5)
+        self.norm = torch.nn.LayerNorm(5)
+        self.out = torch.nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.out(torch.tanh(self.norm(self.inp(x))))
+        # A sum over outputs times 4, so the gradient norm exceeds 1 and default clipping would matter.
+        return {"loss": ((logits - labels) ** 2).sum(-1).mean() * 4.0, "logits": logits}
+
+
+def dataset(world: int, steps: int = STEPS) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    return [{"x": torch.randn(6, generator=g), "labels": torch.randn(2, generator=g)}
+            for _ in range(steps * PER_DEVICE * world)]
+
+
+def reference(world: int, steps: int = STEPS, clip: Optional[float] = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Single-process LionSF on the global batches the ranks see, gradients averaged as the engines do."""
+    model = Tiny()
+    named = list(model.named_parameters())
+    decay = [(n, p) for n, p in named if n in ("inp.weight", "out.weight")]
+    opt = LionSF([{"params": decay, "weight_decay": DECAY},
+                  {"params": [(n, p) for n, p in named if (n, p) not in decay], "weight_decay": 0.0}],
+                 lr=LR, betas=BETAS, agreement="module")
+    data = dataset(world, steps)
+    for step in range(steps):
+        opt.zero_grad()
+        for rank in range(world):
+            start = (step * world + rank) * PER_DEVICE
+            part = data[start:start + PER_DEVICE]
+            loss = model(torch.stack([d["x"] for d in part]), torch.stack([d["labels"] for d in part]))["loss"]
+            (loss / world).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+    return {"params": {n: p.detach().clone() for n, p in named},
+            "exp_avg": {n: opt.state[p]["exp_avg"].clone() for n, p in named}}
+
+
+@dataclass
+class Case:
+    """One Trainer run: ``deepspeed`` (None for DDP) config, LionSF arguments, clipping option, resume."""
+
+    name: str
+    deepspeed: Optional[dict[str, Any]] = None
+    lion_sf: dict[str, Any] = field(default_factory=lambda: {"weight_decay": DECAY, "betas": BETAS,
+                                                             "agreement": "module"})
+    disable_clipping: bool = True
+    resume: bool = False  # also: save at STEPS // 2, resume from that checkpoint in a new Trainer, train to STEPS
+    expect_error: bool = False  # building the Trainer must raise; the result is the message
+    trainer_weight_decay: float = 0.0  # TrainingArguments.weight_decay
+
+
+def ds_config(stage: int, optimizer_entry: bool = False) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                           "gradient_clipping": "auto", "zero_optimization": {"stage": stage}}
+    if optimizer_entry:
+        cfg["optimizer"] = {"type": "LionSF", "params": {"weight_decay": DECAY, "betas": list(BETAS),
+                                                         "agreement": "module"}}
+    return cfg
+
+
+def _trainer(case: Case, out: str, max_steps: int, save_steps: Optional[int]) -> Any:
+    from transformers import TrainingArguments
+
+    from lion_sf_dist.integrations.transformers import LionSFTrainer
+
+    args = TrainingArguments(
+        output_dir=out, per_device_train_batch_size=PER_DEVICE, max_steps=max_steps, learning_rate=LR,
+        lr_scheduler_type="constant", train_sampling_strategy="sequential", use_cpu=True,
+        deepspeed=case.deepspeed, weight_decay=case.trainer_weight_decay, report_to="none", logging_strategy="no",
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, disable_tqdm=True,
+        dataloader_num_workers=0, seed=0,
+    )
+    world = dist.get_world_size()
+    return LionSFTrainer(model=Tiny(), args=args, train_dataset=dataset(world), lion_sf=case.lion_sf,
+                         disable_clipping=case.disable_clipping)
+
+
+def _lion_sf(trainer: Any) -> LionSF:
+    """The LionSF under accelerate's (and DeepSpeed's) optimizer wrappers."""
+    opt = trainer.optimizer
+    while not isinstance(opt, LionSF):
+        opt = opt.optimizer
+    return opt
+
+
+def _state(trainer: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """Full parameters and ``exp_avg`` by name, gathered from every rank's ZeRO partitions when sharded."""
+    opt = _lion_sf(trainer)
+    engine = getattr(trainer.accelerator, "deepspeed_engine_wrapped", None)
+    if engine is None:
+        named = list(trainer.model.named_parameters())
+        return {"params": {n: p.detach().clone() for n, p in named},
+                "exp_avg": {n: opt.state[p]["exp_avg"].clone() for n, p in named}}
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    named = list(engine.engine.module.named_parameters())
+    return {"params": {n: safe_get_full_fp32_param(p).clone() for n, p in named},
+            "exp_avg": {n: safe_get_full_optimizer_state(p, "exp_avg").clone() for n, p in named}}
+
+
+def _engine_kind(trainer: Any) -> str:
+    """``"ddp W=2"`` or ``"deepspeed ZeRO-2 W=2"``: what actually trained (accelerate falls back silently)."""
+    wrapped = getattr(trainer.accelerator, "deepspeed_engine_wrapped", None)
+    world = dist.get_world_size()
+    if wrapped is None:
+        return f"{type(trainer.model_wrapped).__name__} W={world}"
+    engine = wrapped.engine
+    return f"deepspeed ZeRO-{engine.zero_optimization_stage()} W={engine.world_size} clip={engine.gradient_clipping()}"
+
+
+def _shared_dir() -> str:
+    where = [tempfile.mkdtemp(prefix="lion_sf_hf_") if dist.get_rank() == 0 else ""]
+    dist.broadcast_object_list(where, src=0)
+    return where[0]
+
+
+def run_case(case: Case) -> dict[str, Any]:
+    """Train ``STEPS`` steps; with ``resume`` also resume from the half-way checkpoint in a new Trainer."""
+    out = _shared_dir()
+    try:
+        if case.expect_error:
+            try:
+                _trainer(case, out, STEPS, None)
+            except ValueError as e:
+                return {"error": str(e)}
+            return {"error": None}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = _trainer(case, out, STEPS, STEPS // 2 if case.resume else None)
+        trainer.train()
+        opt = _lion_sf(trainer)
+        result: dict[str, Any] = {
+            "final": _state(trainer), "warnings": [str(w.message) for w in caught], "engine": _engine_kind(trainer),
+            "max_grad_norm": trainer.args.max_grad_norm, "unit_names": opt.unit_names,
+            "group_decay": [g["weight_decay"] for g in opt.param_groups],
+        }
+        if case.resume:
+            resumed = _trainer(case, out, STEPS, STEPS // 2)
+            resumed.train(resume_from_checkpoint=os.path.join(out, f"checkpoint-{STEPS // 2}"))
+            result["resumed"] = _state(resumed)
+            result["resumed_from_files"] = sorted(os.listdir(os.path.join(out, f"checkpoint-{STEPS // 2}")))
+        return result
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def run_cases(rank: int, world: int, cases: list[Case]) -> dict[str, Any]:
+    """Every case on this rank, in order (DDP before DeepSpeed: accelerate keeps one DeepSpeed state per process)."""
+    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world))
+    results: dict[str, Any] = {case.name: run_case(case) for case in cases}
+    if rank == 0:  # here, not in pytest's process: the same single thread as the ranks (matmul sums differ)
+        results["reference"] = {clip: reference(world, clip=clip) for clip in (None, 1.0)}
+    return results
