@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tests.harness import run
-from tests.transformers_worker import DECAY, LR, Case, ds_config, run_cases
+from tests.integration_model import DECAY, LR, UNITS
+from tests.transformers_worker import Case, ds_config, run_cases
 
 WORLD = 2
 CASES = [
@@ -52,12 +53,13 @@ def max_deviation(actual: dict, expected: dict) -> float:
 def test_matches_single_process_bitwise(case: Case) -> None:
     out = results()
     r = out[case.name]
-    expected_engine = "DistributedDataParallel" if case.deepspeed is None else f"deepspeed ZeRO-{case.deepspeed['zero_optimization']['stage']}"
-    assert r["engine"].startswith(f"{expected_engine} W={WORLD}"), r["engine"]
+    stage = None if case.deepspeed is None else case.deepspeed["zero_optimization"]["stage"]
+    engine = "DistributedDataParallel" if stage is None else f"deepspeed ZeRO-{stage}"
+    assert r["engine"].startswith(f"{engine} W={WORLD}"), r["engine"]
     ref = out["reference"][None if case.disable_clipping else 1.0]
     for key in ("params", "exp_avg"):
         assert max_deviation(r["final"][key], ref[key]) == 0.0, key
-    assert r["unit_names"] == ("inp", "out", "norm"), "agreement='module' needs the parameter names"
+    assert r["unit_names"] == UNITS, "agreement='module' needs the parameter names"
     assert r["group_decay"] == [DECAY, 0.0], "LionSF's weight decay on the decay group, none on biases / norm"
 
 

@@ -1,14 +1,8 @@
 """HF Trainer cases for ``tests/test_transformers.py``, run inside one spawned gloo group.
 
-The model (57 elements in 6 tensors, a LayerNorm among them so the Trainer's decay /
-no-decay split has something to split) trains on a fixed dataset read in order
-(``train_sampling_strategy="sequential"``): accelerate hands rank ``r`` the per-device
-batches ``r, r + W, ...``, so global step ``k`` is samples ``[k*B*W, (k+1)*B*W)``. A
-shuffling sampler would give the single-process reference other batches.
-
-The single-process reference computes the gradient of each rank's half separately and
-adds the halves scaled by ``1/W``, which is what the engines' gradient averaging computes;
-at ``W = 2`` scaling by 1/2 is exact in floating point, so the comparison is bitwise.
+The data is read in order (``train_sampling_strategy="sequential"``): accelerate hands
+rank ``r`` the per-device batches ``r, r + W, ...``, so global step ``k`` is samples
+``[k*B*W, (k+1)*B*W)`` (:func:`hf_samples`); the reference is ``tests/integration_model.py``.
 """
 
 from __future__ import annotations
@@ -24,57 +18,13 @@ import torch
 import torch.distributed as dist
 
 from lion_sf_dist import LionSF
-
-PER_DEVICE = 2
-STEPS = 4
-LR = 1e-2
-DECAY = 0.1
-BETAS = (0.9, 0.99)
+from tests.integration_model import BETAS, DECAY, LR, PER_DEVICE, STEPS, Tiny, dataset, reference
 
 
-class Tiny(torch.nn.Module):
-    """A model the Trainer can drive: ``forward(x, labels)`` returns ``{"loss", "logits"}``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.inp = torch.nn.Linear(6, 5)
-        self.norm = torch.nn.LayerNorm(5)
-        self.out = torch.nn.Linear(5, 2)
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.out(torch.tanh(self.norm(self.inp(x))))
-        # A sum over outputs times 4, so the gradient norm exceeds 1 and default clipping would matter.
-        return {"loss": ((logits - labels) ** 2).sum(-1).mean() * 4.0, "logits": logits}
-
-
-def dataset(world: int, steps: int = STEPS) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(7)
-    return [{"x": torch.randn(6, generator=g), "labels": torch.randn(2, generator=g)}
-            for _ in range(steps * PER_DEVICE * world)]
-
-
-def reference(world: int, steps: int = STEPS, clip: Optional[float] = None) -> dict[str, dict[str, torch.Tensor]]:
-    """Single-process LionSF on the global batches the ranks see, gradients averaged as the engines do."""
-    model = Tiny()
-    named = list(model.named_parameters())
-    decay = [(n, p) for n, p in named if n in ("inp.weight", "out.weight")]
-    opt = LionSF([{"params": decay, "weight_decay": DECAY},
-                  {"params": [(n, p) for n, p in named if (n, p) not in decay], "weight_decay": 0.0}],
-                 lr=LR, betas=BETAS, agreement="module")
-    data = dataset(world, steps)
-    for step in range(steps):
-        opt.zero_grad()
-        for rank in range(world):
-            start = (step * world + rank) * PER_DEVICE
-            part = data[start:start + PER_DEVICE]
-            loss = model(torch.stack([d["x"] for d in part]), torch.stack([d["labels"] for d in part]))["loss"]
-            (loss / world).backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-    return {"params": {n: p.detach().clone() for n, p in named},
-            "exp_avg": {n: opt.state[p]["exp_avg"].clone() for n, p in named}}
+def hf_samples(step: int, rank: int, world: int) -> list[int]:
+    """Dataset indices of ``rank``'s batch at ``step`` under accelerate's sharding of a sequential sampler."""
+    start = (step * world + rank) * PER_DEVICE
+    return list(range(start, start + PER_DEVICE))
 
 
 @dataclass
@@ -194,5 +144,5 @@ def run_cases(rank: int, world: int, cases: list[Case]) -> dict[str, Any]:
                       LOCAL_WORLD_SIZE=str(world))
     results: dict[str, Any] = {case.name: run_case(case) for case in cases}
     if rank == 0:  # here, not in pytest's process: the same single thread as the ranks (matmul sums differ)
-        results["reference"] = {clip: reference(world, clip=clip) for clip in (None, 1.0)}
+        results["reference"] = {clip: reference(world, hf_samples, clip=clip) for clip in (None, 1.0)}
     return results
