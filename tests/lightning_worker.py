@@ -31,10 +31,10 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
-from torch.distributed.tensor import DTensor
 
 from lion_sf_dist import LionSF
 from lion_sf_dist.integrations.lightning import LionSFDeepSpeedCallback
+from tests.fsdp_layouts import full
 from tests.integration_model import PER_DEVICE, STEPS, Tiny, dataset, make_lion_sf, reference
 
 EPOCH_STEPS = 1
@@ -139,10 +139,6 @@ def _state(trainer: Trainer, module: TinyModule) -> dict[str, dict[str, torch.Te
         return {"params": {n: safe_get_full_fp32_param(p).clone() for n, p in named},
                 "exp_avg": {n: safe_get_full_optimizer_state(p, "exp_avg").clone() for n, p in named}}
     opt = trainer.optimizers[0]
-
-    def full(t: torch.Tensor) -> torch.Tensor:
-        return t.full_tensor() if isinstance(t, DTensor) else t.detach().clone()
-
     return {"params": {n: full(p) for n, p in named}, "exp_avg": {n: full(opt.state[p]["exp_avg"]) for n, p in named}}
 
 
