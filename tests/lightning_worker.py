@@ -19,8 +19,6 @@ CPU accelerator (``DS_ACCELERATOR=cpu``). ``ModelParallelStrategy`` runs on CPU 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -34,7 +32,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelPa
 
 from lion_sf_dist import LionSF
 from lion_sf_dist.integrations.lightning import LionSFDeepSpeedCallback
-from tests.fsdp_layouts import full
+from tests.integration_runs import State, full_state, shared_dir
 from tests.integration_model import PER_DEVICE, STEPS, Tiny, dataset, make_lion_sf, reference
 
 EPOCH_STEPS = 1
@@ -130,28 +128,15 @@ def _fit(case: Case, out: str, ckpt_path: Optional[str] = None) -> tuple[Trainer
     return trainer, module
 
 
-def _state(trainer: Trainer, module: TinyModule) -> dict[str, dict[str, torch.Tensor]]:
+def _state(trainer: Trainer, module: TinyModule) -> State:
     """Full parameters and ``exp_avg`` by name (without the ``net.`` prefix), gathered when sharded."""
     named = [(n.removeprefix("net."), p) for n, p in module.named_parameters()]
-    if isinstance(trainer.strategy, DeepSpeedStrategy):
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-        return {"params": {n: safe_get_full_fp32_param(p).clone() for n, p in named},
-                "exp_avg": {n: safe_get_full_optimizer_state(p, "exp_avg").clone() for n, p in named}}
-    opt = trainer.optimizers[0]
-    return {"params": {n: full(p) for n, p in named}, "exp_avg": {n: full(opt.state[p]["exp_avg"]) for n, p in named}}
-
-
-def _shared_dir() -> str:
-    where = [tempfile.mkdtemp(prefix="lion_sf_pl_") if dist.get_rank() == 0 else ""]
-    dist.broadcast_object_list(where, src=0)
-    return where[0]
+    return full_state(named, None if isinstance(trainer.strategy, DeepSpeedStrategy) else trainer.optimizers[0])
 
 
 def run_case(case: Case) -> dict[str, Any]:
     """Fit ``STEPS`` steps; with ``resume`` also fit again from the checkpoint at step ``STEPS // 2``."""
-    out = _shared_dir()
-    try:
+    with shared_dir("lion_sf_pl_") as out:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -168,10 +153,6 @@ def run_case(case: Case) -> dict[str, Any]:
             result["resumed"] = _state(trainer, module)
             result["resumed_steps"] = (trainer.global_step, module.batches_seen)
         return result
-    finally:
-        dist.barrier()
-        if dist.get_rank() == 0:
-            shutil.rmtree(out, ignore_errors=True)
 
 
 def run_cases(rank: int, world: int, cases: list[Case]) -> dict[str, Any]:

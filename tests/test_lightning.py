@@ -1,4 +1,4 @@
-"""Lightning at W = 2 on CPU (gloo): FSDP2 (``ModelParallelStrategy``) and DeepSpeed ZeRO-2/3 equal single-process LionSF.
+"""Lightning at W = 2 on CPU (gloo): FSDP2 and DeepSpeed ZeRO-2/3 strategies equal single-process LionSF.
 
 Every case runs in one spawned 2-rank group (``tests/lightning_worker.py``); the comparisons
 are bitwise (data read in order with a non-shuffling sampler, gradients averaged as the
@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 from lion_sf_dist.integrations.lightning import CLIPPING_WARNING
-from tests.harness import run
+from tests.integration_runs import OneRun, max_deviation
 from tests.lightning_worker import Case, run_cases
 
 WORLD = 2
@@ -27,29 +27,12 @@ CASES = [
     Case("deepspeed2_clipped", "deepspeed2", resume=False, clip=1.0),
 ]
 TRAINED = [c for c in CASES if c.callback and c.clip is None]
-_RUN: dict[str, object] = {}
-
-
-def results() -> dict:
-    """Rank 0's results of the one spawned run (a failure is kept, not re-run)."""
-    if "out" not in _RUN:
-        try:
-            _RUN["out"] = run(run_cases, WORLD, CASES, timeout=480)[0]
-        except AssertionError as e:
-            _RUN["out"] = e
-    if isinstance(_RUN["out"], AssertionError):
-        raise _RUN["out"]
-    return _RUN["out"]
-
-
-def max_deviation(actual: dict, expected: dict) -> float:
-    assert actual.keys() == expected.keys()
-    return max((actual[n] - expected[n]).abs().max().item() for n in expected)
+RUN = OneRun(run_cases, WORLD, CASES, timeout=480)
 
 
 @pytest.mark.parametrize("case", TRAINED, ids=[c.name for c in TRAINED])
 def test_matches_single_process_bitwise(case: Case) -> None:
-    out = results()
+    out = RUN.result()
     r = out[case.name]
     assert r["error"] is None
     assert r["param_types"] == (["DTensor"] if case.strategy == "fsdp2" else ["Parameter"]), r["param_types"]
@@ -59,7 +42,7 @@ def test_matches_single_process_bitwise(case: Case) -> None:
 
 
 def test_clipping_is_reported_and_changes_the_run() -> None:
-    out = results()
+    out = RUN.result()
     r = out["deepspeed2_clipped"]
     assert any(CLIPPING_WARNING in w and "gradient_clip_val" in w for w in r["warnings"]), r["warnings"]
     assert max_deviation(r["final"]["exp_avg"], out["reference"]["exp_avg"]) > 1e-3
@@ -67,12 +50,12 @@ def test_clipping_is_reported_and_changes_the_run() -> None:
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.resume], ids=[c.name for c in CASES if c.resume])
 def test_resume_from_lightning_checkpoint_is_exact(case: Case) -> None:
-    r = results()[case.name]
+    r = RUN.result()[case.name]
     assert r["resumed_steps"] == (4, 2), "the resumed fit must train the last two steps only"
     for key in ("params", "exp_avg"):
         assert max_deviation(r["resumed"][key], r["final"][key]) == 0.0, key
 
 
 def test_deepspeed_without_the_callback_raises_naming_the_fixes() -> None:
-    error = results()["deepspeed2_without_callback"]["error"]
+    error = RUN.result()["deepspeed2_without_callback"]["error"]
     assert error is not None and all(fix in error for fix in FIXES), error

@@ -1,4 +1,4 @@
-"""torchtitan 0.3 (``LionSFOptimizersContainer``) on CPU: the optimizer part of its trainer, W = 2 (gloo) and in process.
+"""torchtitan 0.3 (``LionSFOptimizersContainer``) on CPU: its trainer's optimizer part, W = 2 (gloo) and in process.
 
 What is tested: the container torchtitan's trainer builds from ``config.optimizer``, over an
 FSDP2-sharded model part at W = 2, bitwise against single-process LionSF (same global
@@ -14,46 +14,29 @@ from __future__ import annotations
 import pytest
 
 from lion_sf_dist.integrations.torchtitan import LionSFOptimizersContainer, build_lion_sf, lion_sf_optimizer
-from tests.harness import run
+from tests.integration_runs import OneRun, max_deviation
 from tests.integration_model import DECAY, DECAYED, LR, UNITS, Tiny
 from tests.torchtitan_worker import run_cases
 
-_RUN: dict[str, object] = {}
-
-
-def results() -> dict:
-    """Rank 0's result of the one spawned run (a failure is kept, not re-run)."""
-    if "out" not in _RUN:
-        try:
-            _RUN["out"] = run(run_cases, 2, timeout=300)[0]
-        except AssertionError as e:
-            _RUN["out"] = e
-    if isinstance(_RUN["out"], AssertionError):
-        raise _RUN["out"]
-    return _RUN["out"]
-
-
-def max_deviation(actual: dict, expected: dict) -> float:
-    assert actual.keys() == expected.keys()
-    return max((actual[n] - expected[n]).abs().max().item() for n in expected)
+RUN = OneRun(run_cases, 2, timeout=300)
 
 
 def test_fsdp2_part_matches_single_process_bitwise() -> None:
-    r = results()
+    r = RUN.result()
     assert r["param_types"] == ["DTensor"] and r["n_optimizers"] == 1
     for key in ("params", "exp_avg"):
         assert max_deviation(r["final"][key], r["reference"][key]) == 0.0, key
 
 
 def test_names_reach_lion_sf_and_its_checkpoint_keys() -> None:
-    r = results()
+    r = RUN.result()
     assert tuple(sorted(r["unit_names"])) == tuple(sorted(UNITS))
     assert r["group_decay"] == {n: (DECAY if n in DECAYED else 0.0) for n in r["group_decay"]}
     assert r["flat_keys"] == sorted(f"state.{n}.exp_avg" for n in r["final"]["params"])
 
 
 def test_checkpoint_round_trip_is_exact() -> None:
-    r = results()
+    r = RUN.result()
     for key in ("params", "exp_avg"):
         assert max_deviation(r["resumed"][key], r["final"][key]) == 0.0, key
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.harness import run
+from tests.integration_runs import OneRun, max_deviation
 from tests.integration_model import DECAY, LR, UNITS
 from tests.transformers_worker import Case, ds_config, run_cases
 
@@ -29,29 +29,12 @@ CASES = [
     Case("zero3_config_entry", deepspeed=ds_config(3, optimizer_entry=True), lion_sf={}, resume=True),
 ]
 EXACT = [c for c in CASES if not c.expect_error]
-_RUN: dict[str, object] = {}
-
-
-def results() -> dict:
-    """Rank 0's results of the one spawned run (a failure is kept, not re-run)."""
-    if "out" not in _RUN:
-        try:
-            _RUN["out"] = run(run_cases, WORLD, CASES, timeout=480)[0]
-        except AssertionError as e:
-            _RUN["out"] = e
-    if isinstance(_RUN["out"], AssertionError):
-        raise _RUN["out"]
-    return _RUN["out"]
-
-
-def max_deviation(actual: dict, expected: dict) -> float:
-    assert actual.keys() == expected.keys()
-    return max((actual[n] - expected[n]).abs().max().item() for n in expected)
+RUN = OneRun(run_cases, WORLD, CASES, timeout=480)
 
 
 @pytest.mark.parametrize("case", EXACT, ids=[c.name for c in EXACT])
 def test_matches_single_process_bitwise(case: Case) -> None:
-    out = results()
+    out = RUN.result()
     r = out[case.name]
     stage = None if case.deepspeed is None else case.deepspeed["zero_optimization"]["stage"]
     engine = "DistributedDataParallel" if stage is None else f"deepspeed ZeRO-{stage}"
@@ -64,7 +47,7 @@ def test_matches_single_process_bitwise(case: Case) -> None:
 
 
 def test_default_clipping_is_reported_and_changes_the_run() -> None:
-    out = results()
+    out = RUN.result()
     r = out["ddp_default_clipping"]
     assert r["max_grad_norm"] == 1.0 and any("max_grad_norm" in w for w in r["warnings"]), r["warnings"]
     assert max_deviation(r["final"]["exp_avg"], out["reference"][None]["exp_avg"]) > 1e-3
@@ -74,22 +57,22 @@ def test_default_clipping_is_reported_and_changes_the_run() -> None:
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.resume], ids=[c.name for c in CASES if c.resume])
 def test_resume_from_trainer_checkpoint_is_exact(case: Case) -> None:
-    r = results()[case.name]
+    r = RUN.result()[case.name]
     for key in ("params", "exp_avg"):
         assert max_deviation(r["resumed"][key], r["final"][key]) == 0.0, key
     assert any(torch.count_nonzero(m) for m in r["final"]["exp_avg"].values())
 
 
 def test_lr_clash_is_refused() -> None:
-    error = results()["lr_clash"]["error"]
+    error = RUN.result()["lr_clash"]["error"]
     assert error is not None and "args.learning_rate" in error, error
 
 
 def test_trainer_weight_decay_never_overrides_lion_sf_silently() -> None:
-    error = results()["decay_clash"]["error"]
+    error = RUN.result()["decay_clash"]["error"]
     assert error is not None and "args.weight_decay" in error and f"weight_decay={DECAY}" in error, error
 
 
 def test_other_optimizer_in_deepspeed_config_is_refused() -> None:
-    error = results()["adamw_in_ds_config"]["error"]
+    error = RUN.result()["adamw_in_ds_config"]["error"]
     assert error is not None and "'AdamW'" in error, error

@@ -13,8 +13,6 @@ save; a new model and container load it and train the remaining steps.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from typing import Any
 
 import torch
@@ -24,7 +22,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from lion_sf_dist.integrations.torchtitan import lion_sf_optimizer
-from tests.fsdp_layouts import full
+from tests.integration_runs import State, full_state, shared_dir
 from tests.integration_model import DECAY, LR, PER_DEVICE, STEPS, Tiny, dataset, reference
 
 
@@ -53,10 +51,8 @@ def _train(model: Tiny, container: Any, steps: range) -> None:
         container.step()
 
 
-def _state(model: Tiny, container: Any) -> dict[str, dict[str, torch.Tensor]]:
-    opt = container.optimizers[0]
-    named = list(model.named_parameters())
-    return {"params": {n: full(p) for n, p in named}, "exp_avg": {n: full(opt.state[p]["exp_avg"]) for n, p in named}}
+def _state(model: Tiny, container: Any) -> State:
+    return full_state(list(model.named_parameters()), container.optimizers[0])
 
 
 def run_cases(rank: int, world: int) -> dict[str, Any]:
@@ -72,24 +68,18 @@ def run_cases(rank: int, world: int) -> dict[str, Any]:
         "group_decay": {n: g["weight_decay"] for g in opt.param_groups for n in g["param_names"]},
         "flat_keys": sorted(k for k in container.state_dict() if k.startswith("state.")),
     }
-    where = [tempfile.mkdtemp(prefix="lion_sf_tt_") if rank == 0 else ""]
-    dist.broadcast_object_list(where, src=0)
-    try:
+    with shared_dir("lion_sf_tt_") as where:
         model = _sharded_part()
         container = config.build(model_parts=[model])
         _train(model, container, range(STEPS // 2))
-        dcp.save({"model": model.state_dict(), "optimizer": container}, checkpoint_id=where[0])
+        dcp.save({"model": model.state_dict(), "optimizer": container}, checkpoint_id=where)
         model = _sharded_part()
         container = config.build(model_parts=[model])
         restored = model.state_dict()
-        dcp.load({"model": restored, "optimizer": container}, checkpoint_id=where[0])
+        dcp.load({"model": restored, "optimizer": container}, checkpoint_id=where)
         model.load_state_dict(restored)
         _train(model, container, range(STEPS // 2, STEPS))
         result["resumed"] = _state(model, container)
-    finally:
-        dist.barrier()
-        if rank == 0:
-            shutil.rmtree(where[0], ignore_errors=True)
     if rank == 0:
         result["reference"] = reference(world, contiguous_samples)
     return result

@@ -8,16 +8,14 @@ rank ``r`` the per-device batches ``r, r + W, ...``, so global step ``k`` is sam
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import torch
 import torch.distributed as dist
 
 from lion_sf_dist import LionSF
+from tests.integration_runs import State, full_state, shared_dir
 from tests.integration_model import BETAS, DECAY, LR, PER_DEVICE, STEPS, Tiny, dataset, reference
 
 
@@ -75,23 +73,16 @@ def _lion_sf(trainer: Any) -> LionSF:
     return opt
 
 
-def _state(trainer: Any) -> dict[str, dict[str, torch.Tensor]]:
+def _state(trainer: Any) -> State:
     """Full parameters and ``exp_avg`` by name, gathered from every rank's ZeRO partitions when sharded."""
-    opt = _lion_sf(trainer)
-    engine = getattr(trainer.accelerator, "deepspeed_engine_wrapped", None)
-    if engine is None:
-        named = list(trainer.model.named_parameters())
-        return {"params": {n: p.detach().clone() for n, p in named},
-                "exp_avg": {n: opt.state[p]["exp_avg"].clone() for n, p in named}}
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    named = list(engine.engine.module.named_parameters())
-    return {"params": {n: safe_get_full_fp32_param(p).clone() for n, p in named},
-            "exp_avg": {n: safe_get_full_optimizer_state(p, "exp_avg").clone() for n, p in named}}
+    wrapped = getattr(trainer.accelerator, "deepspeed_engine_wrapped", None)
+    if wrapped is None:
+        return full_state(list(trainer.model.named_parameters()), _lion_sf(trainer))
+    return full_state(list(wrapped.engine.module.named_parameters()), None)
 
 
 def _engine_kind(trainer: Any) -> str:
-    """``"ddp W=2"`` or ``"deepspeed ZeRO-2 W=2"``: what actually trained (accelerate falls back silently)."""
+    """``"DistributedDataParallel W=2"`` or ``"deepspeed ZeRO-2 W=2 clip=0.0"``: what actually trained."""
     wrapped = getattr(trainer.accelerator, "deepspeed_engine_wrapped", None)
     world = dist.get_world_size()
     if wrapped is None:
@@ -100,16 +91,9 @@ def _engine_kind(trainer: Any) -> str:
     return f"deepspeed ZeRO-{engine.zero_optimization_stage()} W={engine.world_size} clip={engine.gradient_clipping()}"
 
 
-def _shared_dir() -> str:
-    where = [tempfile.mkdtemp(prefix="lion_sf_hf_") if dist.get_rank() == 0 else ""]
-    dist.broadcast_object_list(where, src=0)
-    return where[0]
-
-
 def run_case(case: Case) -> dict[str, Any]:
     """Train ``STEPS`` steps; with ``resume`` also resume from the half-way checkpoint in a new Trainer."""
-    out = _shared_dir()
-    try:
+    with shared_dir("lion_sf_hf_") as out:
         if case.expect_error:
             try:
                 _trainer(case, out, STEPS, None)
@@ -130,12 +114,7 @@ def run_case(case: Case) -> dict[str, Any]:
             resumed = _trainer(case, out, STEPS, STEPS // 2)
             resumed.train(resume_from_checkpoint=os.path.join(out, f"checkpoint-{STEPS // 2}"))
             result["resumed"] = _state(resumed)
-            result["resumed_from_files"] = sorted(os.listdir(os.path.join(out, f"checkpoint-{STEPS // 2}")))
         return result
-    finally:
-        dist.barrier()
-        if dist.get_rank() == 0:
-            shutil.rmtree(out, ignore_errors=True)
 
 
 def run_cases(rank: int, world: int, cases: list[Case]) -> dict[str, Any]:
