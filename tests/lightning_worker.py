@@ -69,19 +69,31 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
 
 
 class TinyModule(LightningModule):
-    """``Tiny`` as ``self.net``; FSDP2 on the data-parallel mesh when ``fsdp``; LionSF from named parameters."""
+    """``Tiny`` as ``self.net``, LionSF from named parameters; under ``ModelParallelStrategy`` (``strategy``):
 
-    def __init__(self, fsdp: bool) -> None:
+    ``"fsdp2"``: ``fully_shard`` per layer and at the root on the data-parallel mesh;
+    ``"tp_fsdp"``: first ``inp`` column-parallel and ``out`` row-parallel on the
+    tensor-parallel mesh (5 hidden units over 2 ranks: uneven), then the same FSDP2.
+    """
+
+    def __init__(self, strategy: str) -> None:
         super().__init__()
         self.net = Tiny()
-        self.fsdp = fsdp
+        self.strategy_name = strategy
         self.batches_seen = 0
 
     def configure_model(self) -> None:
-        if not self.fsdp:
+        if self.strategy_name not in ("fsdp2", "tp_fsdp"):
             return
         from torch.distributed.fsdp import fully_shard
 
+        if self.strategy_name == "tp_fsdp":
+            from torch.distributed.tensor import Replicate
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+            parallelize_module(self.net, self.device_mesh["tensor_parallel"],
+                               {"inp": ColwiseParallel(output_layouts=Replicate()),
+                                "out": RowwiseParallel(input_layouts=Replicate())})
         mesh = self.device_mesh["data_parallel"]
         for layer in (self.net.inp, self.net.norm, self.net.out):
             fully_shard(layer, mesh=mesh)
@@ -97,7 +109,7 @@ class TinyModule(LightningModule):
 
 @dataclass
 class Case:
-    """One Lightning run: ``strategy`` ("deepspeed2", "deepspeed3", "fsdp2"), with or without the callback."""
+    """One Lightning run: ``strategy`` ("deepspeed2", "deepspeed3", "fsdp2", "tp_fsdp"), with or without the callback."""
 
     name: str
     strategy: str
@@ -109,11 +121,19 @@ class Case:
 def _strategy(name: str) -> Any:
     if name.startswith("deepspeed"):
         return CPUDeepSpeedStrategy(stage=int(name[-1]), process_group_backend="gloo")
-    return ModelParallelStrategy(data_parallel_size=dist.get_world_size(), tensor_parallel_size=1)
+    tp = dist.get_world_size() if name == "tp_fsdp" else 1
+    return ModelParallelStrategy(data_parallel_size=dist.get_world_size() // tp, tensor_parallel_size=tp)
+
+
+def data_parallel(name: str) -> tuple[int, int]:
+    """(data-parallel size, this rank's index in it): tensor-parallel ranks read the same batches."""
+    if name == "tp_fsdp":
+        return 1, 0
+    return dist.get_world_size(), dist.get_rank()
 
 
 def _fit(case: Case, out: str, ckpt_path: Optional[str] = None) -> tuple[Trainer, TinyModule]:
-    module = TinyModule(fsdp=case.strategy == "fsdp2")
+    module = TinyModule(case.strategy)
     callbacks: list[Any] = [ModelCheckpoint(dirpath=out, filename="{epoch}", every_n_epochs=1, save_top_k=-1,
                                             save_on_train_epoch_end=True)]
     if case.callback and case.strategy.startswith("deepspeed"):
@@ -121,9 +141,10 @@ def _fit(case: Case, out: str, ckpt_path: Optional[str] = None) -> tuple[Trainer
     trainer = Trainer(accelerator="cpu", devices=dist.get_world_size(), strategy=_strategy(case.strategy),
                       max_steps=STEPS, logger=False, enable_progress_bar=False, enable_model_summary=False,
                       callbacks=callbacks, use_distributed_sampler=False, gradient_clip_val=case.clip)
-    samples = dataset(dist.get_world_size(), EPOCH_STEPS)
-    data = torch.utils.data.DataLoader(samples, batch_size=PER_DEVICE,
-                                       sampler=torch.utils.data.DistributedSampler(samples, shuffle=False))
+    replicas, index = data_parallel(case.strategy)
+    samples = dataset(replicas, EPOCH_STEPS)
+    sampler = torch.utils.data.DistributedSampler(samples, num_replicas=replicas, rank=index, shuffle=False)
+    data = torch.utils.data.DataLoader(samples, batch_size=PER_DEVICE, sampler=sampler)
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer, module
 
@@ -161,5 +182,5 @@ def run_cases(rank: int, world: int, cases: list[Case]) -> dict[str, Any]:
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
     results: dict[str, Any] = {case.name: run_case(case) for case in cases}
     if rank == 0:
-        results["reference"] = reference(world, lightning_samples, data_steps=EPOCH_STEPS)
+        results["reference"] = {dp: reference(dp, lightning_samples, data_steps=EPOCH_STEPS) for dp in (1, world)}
     return results
