@@ -109,7 +109,7 @@ class TinyModule(LightningModule):
 
 @dataclass
 class Case:
-    """One Lightning run: ``strategy`` ("deepspeed2", "deepspeed3", "fsdp2", "tp_fsdp"), with or without the callback."""
+    """One Lightning run: ``strategy`` ("deepspeed2", "deepspeed3", "fsdp2", "tp_fsdp"), with the callback or not."""
 
     name: str
     strategy: str
