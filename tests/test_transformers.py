@@ -27,6 +27,8 @@ CASES = [
     Case("zero1", deepspeed=ds_config(1)),
     Case("zero2", deepspeed=ds_config(2), resume=True),
     Case("zero3_config_entry", deepspeed=ds_config(3, optimizer_entry=True), lion_sf={}, resume=True),
+    # Last: it leaves accelerate's process-wide state thinking it runs alone.
+    Case("cpu_without_use_cpu", deepspeed=ds_config(2), use_cpu=False, expect_error=True),
 ]
 EXACT = [c for c in CASES if not c.expect_error]
 RUN = OneRun(run_cases, WORLD, CASES, timeout=480)
@@ -71,6 +73,12 @@ def test_lr_clash_is_refused() -> None:
 def test_trainer_weight_decay_never_overrides_lion_sf_silently() -> None:
     error = RUN.result()["decay_clash"]["error"]
     assert error is not None and "args.weight_decay" in error and f"weight_decay={DECAY}" in error, error
+
+
+def test_accelerate_seeing_one_process_is_refused() -> None:
+    """Without ``use_cpu=True`` on CPU, accelerate would hand every rank the same batches."""
+    error = RUN.result()["cpu_without_use_cpu"]["error"]
+    assert error is not None and "use_cpu=True" in error, error
 
 
 def test_other_optimizer_in_deepspeed_config_is_refused() -> None:

@@ -37,6 +37,7 @@ class Case:
     resume: bool = False  # also: save at STEPS // 2, resume from that checkpoint in a new Trainer, train to STEPS
     expect_error: bool = False  # building the Trainer must raise; the result is the message
     trainer_weight_decay: float = 0.0  # TrainingArguments.weight_decay
+    use_cpu: bool = True  # TrainingArguments.use_cpu: without it accelerate sees one process on CPU
 
 
 def ds_config(stage: int, optimizer_entry: bool = False) -> dict[str, Any]:
@@ -55,7 +56,7 @@ def _trainer(case: Case, out: str, max_steps: int, save_steps: Optional[int]) ->
 
     args = TrainingArguments(
         output_dir=out, per_device_train_batch_size=PER_DEVICE, max_steps=max_steps, learning_rate=LR,
-        lr_scheduler_type="constant", train_sampling_strategy="sequential", use_cpu=True,
+        lr_scheduler_type="constant", train_sampling_strategy="sequential", use_cpu=case.use_cpu,
         deepspeed=case.deepspeed, weight_decay=case.trainer_weight_decay, report_to="none", logging_strategy="no",
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, disable_tqdm=True,
         dataloader_num_workers=0, seed=0,
@@ -97,7 +98,7 @@ def run_case(case: Case) -> dict[str, Any]:
         if case.expect_error:
             try:
                 _trainer(case, out, STEPS, None)
-            except ValueError as e:
+            except (ValueError, RuntimeError) as e:
                 return {"error": str(e)}
             return {"error": None}
         with warnings.catch_warnings(record=True) as caught:

@@ -38,7 +38,7 @@ For another ``Trainer`` subclass (TRL's, your own), put :class:`LionSFTrainerMix
 from __future__ import annotations
 
 import warnings
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -52,8 +52,14 @@ __all__ = ["LionSFTrainer", "LionSFTrainerMixin", "CLIPPING_WARNING"]
 CLIPPING_WARNING = "LionSFTrainer: gradients will be clipped"
 _DS_OPTIMIZER_TYPE = "lionsf"
 
+# The mixin is typed as a Trainer (what it is always mixed into) and is a plain object at run time.
+if TYPE_CHECKING:
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
 
-class LionSFTrainerMixin:
+
+class LionSFTrainerMixin(_TrainerBase):
     """Makes a ``transformers.Trainer`` (sub)class train LionSF; see the module docstring.
 
     Extra keyword arguments of ``__init__``:
@@ -106,6 +112,8 @@ class LionSFTrainerMixin:
         """LionSF over named parameters in the decay / no-decay groups of ``get_decay_parameter_names``."""
         if self.optimizer is None:
             opt_model = self.model if model is None else model
+            if opt_model is None:
+                raise ValueError("LionSFTrainer: no model to build LionSF for")
             decay = set(self.get_decay_parameter_names(opt_model))
             hyper = dict(self._lion_sf_hyper)
             weight_decay = hyper.pop("weight_decay")
