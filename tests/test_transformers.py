@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.integration_runs import OneRun, max_deviation
-from tests.integration_model import DECAY, LR, UNITS
+from tests.integration_model import DECAY, LR, UNITS, Tiny
 from tests.transformers_worker import Case, ds_config, run_cases
 
 WORLD = 2
@@ -84,3 +84,14 @@ def test_accelerate_seeing_one_process_is_refused() -> None:
 def test_other_optimizer_in_deepspeed_config_is_refused() -> None:
     error = RUN.result()["adamw_in_ds_config"]["error"]
     assert error is not None and "'AdamW'" in error, error
+
+
+@pytest.mark.parametrize("given", [{"optimizers": (torch.optim.SGD([torch.zeros(1)], lr=0.1), None)},
+                                   {"optimizer_cls_and_kwargs": (torch.optim.SGD, {"lr": 0.1})}],
+                         ids=["optimizers", "optimizer_cls_and_kwargs"])
+def test_another_optimizer_is_refused(given: dict) -> None:
+    """Refused before the Trainer is built (so this runs in pytest's own process, creating no accelerate state)."""
+    from lion_sf_dist.integrations.transformers import LionSFTrainer
+
+    with pytest.raises(ValueError, match="lion_sf="):
+        LionSFTrainer(model=Tiny(), **given)
