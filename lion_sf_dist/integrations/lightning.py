@@ -20,6 +20,7 @@ Lightning's distributed checkpoint holds ``exp_avg`` as a DTensor like its param
 from __future__ import annotations
 
 import warnings
+
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
@@ -38,6 +39,7 @@ class LionSFDeepSpeedCallback(Callback):
     """
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Attach: Lightning calls this after ``strategy.setup`` built the engine, before it restores a checkpoint."""
         from lion_sf_dist.deepspeed import attach
 
         strategy = trainer.strategy

@@ -50,7 +50,6 @@ __all__ = ["LionSFTrainer", "LionSFTrainerMixin", "CLIPPING_WARNING"]
 
 # The start of the warning issued when gradients will be clipped (tests and filters match it).
 CLIPPING_WARNING = "LionSFTrainer: gradients will be clipped"
-_DS_OPTIMIZER_TYPE = "lionsf"
 
 # The mixin is typed as a Trainer (what it is always mixed into) and is a plain object at run time.
 if TYPE_CHECKING:
@@ -148,10 +147,12 @@ def _merge_ds_optimizer_entry(ds_config: Any, hyper: dict[str, Any]) -> dict[str
 
     Any other optimizer type is refused: DeepSpeed would build it and LionSF would never step.
     """
+    from lion_sf_dist.deepspeed import OPTIMIZER_TYPE  # here: deepspeed is installed whenever a config is
+
     entry = ds_config.config.get("optimizer")
     if entry is None:
         return hyper
-    if str(entry.get("type", "")).lower() != _DS_OPTIMIZER_TYPE:
+    if str(entry.get("type", "")).lower() != OPTIMIZER_TYPE.lower():
         raise ValueError(f"LionSFTrainer: the DeepSpeed config names optimizer {entry.get('type')!r}; "
                          "remove it or use {\"type\": \"LionSF\"}")
     from_config = dict(entry.get("params", {}))
