@@ -111,7 +111,7 @@ def test_private_torch_names_still_exist() -> None:
 
 
 def test_public_surface() -> None:
-    assert lion_sf_dist.__all__ == ["LionSF"]
+    assert lion_sf_dist.__all__ == ["LionSF", "Coordinator"]
     from lion_sf_dist import checkpoint, deepspeed
 
     assert set(deepspeed.__all__) == {"initialize", "attach", "OPTIMIZER_TYPE"}
