@@ -165,3 +165,27 @@ def test_torch_pipelining_two_stages_equal_one_optimizer() -> None:
     assert len(merged) == 6
     assert all(params_equal for params_equal, _ in merged.values()), merged
     assert max(dev for _, dev in merged.values()) == 0.0, merged  # the same ops in the same order
+
+
+def test_torchtitan_container_joins_its_model_parts() -> None:
+    """torchtitan builds one LionSF per model part; the container's Coordinator makes them count as one."""
+    from lion_sf_dist.integrations.torchtitan import lion_sf_optimizer
+
+    def as_parts(m: torch.nn.Module) -> list[torch.nn.Module]:
+        return [torch.nn.Sequential(*list(m)[:2]), torch.nn.Sequential(*list(m)[2:])]
+
+    options = dict(lr=0.05, weight_decay=0.1, agreement="global")
+    whole = model()
+    ref = LionSF([{"params": [p for n, p in whole.named_parameters() if "bias" in n], "weight_decay": 0.0},
+                  {"params": [p for n, p in whole.named_parameters() if "bias" not in n]}], **options)
+    parts_model = model()
+    container = lion_sf_optimizer(lr=0.05, weight_decay=0.1, no_decay="bias", agreement="global").build(
+        model_parts=as_parts(parts_model))
+    assert len(container.optimizers) == 2
+    for step in range(STEPS):
+        for m in (whole, parts_model):
+            for (n, p), g in zip(m.named_parameters(), grads(step, list(m.named_parameters())).values()):
+                p.grad = g.clone()
+        ref.step()
+        container.step()
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), parts_model.parameters()))

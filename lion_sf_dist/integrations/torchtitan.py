@@ -20,13 +20,17 @@ Not applied to LionSF: the container's ``implementation`` (``fused`` / ``foreach
 kernels; LionSF's fused kernel is ``use_triton=True``), refused when it asks for bf16 Adam
 states. torchtitan's default LR scheduler warms up for 200 steps and decays linearly;
 LionSF's author trains at a constant rate (``warmup_steps=0, decay_ratio=0.0`` above).
-With several model parts (pipeline parallelism) there is one LionSF per part: agreement
-units ``"tensor"`` and ``"module"`` lie within a part and are exact, ``"group"`` and
-``"global"`` are counted per part.
+With several model parts (pipeline parallelism) there is one LionSF per part, and the
+container joins them in one :class:`~lion_sf_dist.Coordinator`, so ``"group"``,
+``"global"`` and a module split across parts are counted as one LionSF over all parts
+would. Stages on other ranks join when the coordinator knows the pipeline group: pass
+``optimizer_factory_kwargs_by_name={"LionSF": {"coordinator": Coordinator(pp_group)}}``
+(torchtitan's ``parallel_dims.get_mesh("pp").get_group()``), built after the process group.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -34,6 +38,7 @@ import torch
 from torch.optim import Optimizer
 from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfig
 
+from lion_sf_dist.coordinator import Coordinator
 from lion_sf_dist.optimizer import LionSF
 
 __all__ = ["LionSFOptimizersContainer", "lion_sf_optimizer", "build_lion_sf", "OPTIMIZER_NAME"]
@@ -84,7 +89,9 @@ class LionSFOptimizersContainer(OptimizersContainer):
                 g.optimizer_name == OPTIMIZER_NAME for g in config.param_groups):
             raise ValueError("LionSFOptimizersContainer: implementation='fused_opt_states_bf16' makes Adam's states "
                              "bf16; LionSF keeps exp_avg in the parameter's dtype")
-        super().__init__(config, model_parts=model_parts)
+        kwargs = dict(config.optimizer_factory_kwargs_by_name or {})
+        kwargs[OPTIMIZER_NAME] = {"coordinator": Coordinator(), **kwargs.get(OPTIMIZER_NAME, {})}
+        super().__init__(dataclasses.replace(config, optimizer_factory_kwargs_by_name=kwargs), model_parts=model_parts)
 
     # torchtitan's documented extension point ("inherit from this class"): the one private name used here.
     @staticmethod
