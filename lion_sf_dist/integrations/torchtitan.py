@@ -30,7 +30,7 @@ would. Stages on other ranks join when the coordinator knows the pipeline group:
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -89,9 +89,11 @@ class LionSFOptimizersContainer(OptimizersContainer):
                 g.optimizer_name == OPTIMIZER_NAME for g in config.param_groups):
             raise ValueError("LionSFOptimizersContainer: implementation='fused_opt_states_bf16' makes Adam's states "
                              "bf16; LionSF keeps exp_avg in the parameter's dtype")
+        config = copy.copy(config)  # the caller's config is not modified
         kwargs = dict(config.optimizer_factory_kwargs_by_name or {})
         kwargs[OPTIMIZER_NAME] = {"coordinator": Coordinator(), **kwargs.get(OPTIMIZER_NAME, {})}
-        super().__init__(dataclasses.replace(config, optimizer_factory_kwargs_by_name=kwargs), model_parts=model_parts)
+        config.optimizer_factory_kwargs_by_name = kwargs
+        super().__init__(config, model_parts=model_parts)
 
     # torchtitan's documented extension point ("inherit from this class"): the one private name used here.
     @staticmethod
