@@ -38,14 +38,16 @@ from lion_sf_dist.checkpoint.api import latest, load, save
 from lion_sf_dist.checkpoint.errors import (
     CheckpointCorruptError,
     CheckpointError,
+    CheckpointLockError,
     CheckpointNotFoundError,
     ModelMismatchError,
     OptimizerMismatchError,
+    UnsafeCheckpointError,
 )
 from lion_sf_dist.checkpoint.pending import PendingSave, save_async
 
 __all__ = [
     "save", "save_async", "load", "latest", "PendingSave",
-    "CheckpointError", "CheckpointNotFoundError", "CheckpointCorruptError",
-    "ModelMismatchError", "OptimizerMismatchError",
+    "CheckpointError", "CheckpointNotFoundError", "CheckpointCorruptError", "UnsafeCheckpointError",
+    "CheckpointLockError", "ModelMismatchError", "OptimizerMismatchError",
 ]
