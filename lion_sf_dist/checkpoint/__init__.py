@@ -34,7 +34,7 @@ the saved ones, ``hparams="error"`` refuses. ``save_async`` returns once this ra
 is copied to host memory and writes it on a background thread.
 """
 
-from lion_sf_dist.checkpoint.api import latest, load, save
+from lion_sf_dist.checkpoint.api import latest, load, save, verify
 from lion_sf_dist.checkpoint.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -47,7 +47,7 @@ from lion_sf_dist.checkpoint.errors import (
 from lion_sf_dist.checkpoint.pending import PendingSave, save_async
 
 __all__ = [
-    "save", "save_async", "load", "latest", "PendingSave",
+    "save", "save_async", "load", "latest", "verify", "PendingSave",
     "CheckpointError", "CheckpointNotFoundError", "CheckpointCorruptError", "UnsafeCheckpointError",
     "CheckpointLockError", "ModelMismatchError", "OptimizerMismatchError",
 ]

@@ -146,6 +146,20 @@ def latest(path: PathLike) -> Path:
     return store.resolve(Path(path))
 
 
+def verify(path: PathLike) -> Path:
+    """Check a checkpoint without loading it, in this process alone (not collective); its directory.
+
+    ``path`` as for :func:`load`. Checks what :func:`load` checks of the files themselves:
+    the manifest, every file's size and checksum, ``meta.json``, and DCP's metadata
+    (allow-listed unpickling, structure, every tensor covered). Not checked: whether it
+    fits a model. Raises :class:`CheckpointNotFoundError` or :class:`CheckpointCorruptError`.
+    """
+    ckpt, _, _, sums = _open(Path(path))
+    SafeReader(ckpt, sums, f"checkpoint {str(ckpt)!r}").checked_metadata()
+    store.verify_files(ckpt, sorted(set(sums or {}) - {METADATA, store.META, store.EXTRA}), sums)
+    return ckpt
+
+
 def load(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
          optimizer_state: bool = True, hparams: str = "running", weights_only: bool = True) -> Any:
     """Restore ``model`` (and ``optimizer``) in place from a checkpoint; collective; returns ``extra``.
