@@ -7,6 +7,7 @@ optimizer were left as they were.
 
 from __future__ import annotations
 
+import pickle
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +17,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint.filesystem as fs
 
 from lion_sf_dist import checkpoint
+from lion_sf_dist.checkpoint.storage import METADATA
 from tests.checkpoint_cases import STEPS, Tiny, full_state, make_optimizer, train
 from tests.checkpoint_worker import fsdp2
 
@@ -49,26 +51,33 @@ def one_rank_bad(rank: int, world: int, root: str) -> dict[str, Any]:
     return out
 
 
-def garbled_rank1_file(rank: int, world: int, root: str) -> dict[str, Any]:
-    """A load whose rank-1 shard file is garbled (same size), with ``hparams="checkpoint"``."""
+def garbled_file_of_one_rank(rank: int, world: int, root: str) -> dict[str, Any]:
+    """A load whose shard file only one rank reads is garbled (same size), with ``hparams="checkpoint"``.
+
+    Without agreement averages the only replicated tensor is the buffer, written into one
+    rank's file, which every rank reads; the other file holds only its writer's FSDP2
+    shards, so only that rank reads it (and finds it corrupt).
+    """
     model = fsdp2(world)
-    opt = make_optimizer(model)
+    opt = make_optimizer(model, ema=False)
     train(model, opt, range(STEPS), rank, world)
-    checkpoint.save(root, model, opt, extra={"step": STEPS})
+    ckpt = checkpoint.save(root, model, opt, extra={"step": STEPS})
     train(model, opt, range(STEPS, STEPS + 2), rank, world)
     opt.param_groups[0]["lr"], opt.pow = 5e-3, 1.0  # differ from the checkpoint's 1e-2 and 0.5
     before = full_state(model, opt)
+    md = pickle.loads((ckpt / METADATA).read_bytes())  # our own checkpoint: trusted
+    shared = {info.relative_path for index, info in md.storage_data.items() if index.fqn.startswith("buffer/")}
+    (garbled,) = sorted({info.relative_path for info in md.storage_data.values()} - shared)
     if rank == 0:
-        shard = checkpoint.latest(root) / "__1_0.distcp"
-        data = bytearray(shard.read_bytes())
-        middle = len(data) // 2
-        data[middle:middle + 64] = bytes(64)
-        shard.write_bytes(bytes(data))
+        data = bytearray((ckpt / garbled).read_bytes())
+        data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+        (ckpt / garbled).write_bytes(bytes(data))
     dist.barrier()
     out = _outcome(lambda: checkpoint.load(root, model, opt, hparams="checkpoint"))
     after = full_state(model, opt)
     out["unchanged"] = all(torch.equal(before[k][n], after[k][n]) for k in before for n in before[k])
     out["hparams"] = (opt.param_groups[0]["lr"], opt.pow)
+    out["garbled"] = garbled
     return out
 
 

@@ -134,10 +134,11 @@ def test_failed_load_changes_nothing_including_checkpoint_hparams(tmp_path: Path
     assert (fresh_opt.param_groups[0]["lr"], fresh_opt.pow) == (5e-3, 1.0)
 
 
-def test_failed_load_garbled_rank1_file_changes_nothing_on_any_rank(tmp_path: Path) -> None:
-    for rank, r in enumerate(run(worker.garbled_rank1_file, 2, str(tmp_path))):
+def test_failed_load_garbled_file_of_one_rank_changes_nothing_on_any_rank(tmp_path: Path) -> None:
+    results = run(worker.garbled_file_of_one_rank, 2, str(tmp_path))
+    for rank, r in enumerate(results):
         assert r["error"] and r["error"].startswith("CheckpointCorruptError: "), (rank, r)
-        assert "'__1_0.distcp' is corrupt" in r["error"], (rank, r)
+        assert f"'{r['garbled']}' is corrupt" in r["error"], (rank, r)
         assert r["unchanged"], f"rank {rank}: the failed load changed the running model or optimizer"
         assert r["hparams"] == (5e-3, 1.0), (rank, r["hparams"])
 
