@@ -94,7 +94,7 @@ def async_then_destroy(rank: int, world: int, root: str, store: str) -> dict[str
         write = fs._write_item
 
         def slow_write(*args: Any, **kwargs: Any) -> Any:
-            time.sleep(1.0)
+            time.sleep(0.3)
             return write(*args, **kwargs)
 
         fs._write_item = slow_write

@@ -6,6 +6,7 @@ Each test is named after the case it guards; multi-rank cases run at W=2 on gloo
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -159,20 +160,22 @@ def test_two_writers_on_one_root_keep_3(tmp_path: Path) -> None:
     root = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
-    def writer(name: str, saves: int, slow: float) -> subprocess.Popen:
+    def writer(name: str, saves: int, hold: bool) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "tests.checkpoint_concurrent", str(root),
-                                 str(tmp_path / name), str(saves), str(slow)], cwd=REPO, env=env,
+                                 str(tmp_path / name), str(saves), "1" if hold else "0"], cwd=REPO, env=env,
                                 stderr=subprocess.PIPE, text=True)
 
-    slow = writer("slow.pt", 1, 2.0)  # one save whose writes take seconds
+    slow = writer("slow.pt", 1, hold=True)  # one save, held in the middle of writing its shards
     end = time.time() + 60
     while not (root.is_dir() and any(d.name.startswith(store.TMP) for d in root.iterdir())):
         assert time.time() < end and slow.poll() is None, "the slow writer did not start"
         time.sleep(0.05)
-    fast = writer("fast.pt", 4, 0.0)  # four saves with keep=3, pruning while the slow one writes
-    for proc in (fast, slow):
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err[-3000:]
+    fast = writer("fast.pt", 4, hold=False)  # four saves with keep=3, pruning while the slow one writes
+    _, err = fast.communicate(timeout=120)
+    assert fast.returncode == 0, err[-3000:]
+    (tmp_path / "slow.pt.go").touch()
+    _, err = slow.communicate(timeout=120)
+    assert slow.returncode == 0, err[-3000:]
     reported = torch.load(tmp_path / "slow.pt") + torch.load(tmp_path / "fast.pt")
     kept = store.complete(root)
     assert len(kept) == 3 and not [d for d in root.iterdir() if d.name.startswith((store.TMP, store.DELETED))]
@@ -220,3 +223,24 @@ def test_prune_failure_is_a_warning_and_the_save_succeeded(tmp_path: Path, monke
     fresh, fresh_opt = _fresh()
     assert checkpoint.load(tmp_path, fresh, fresh_opt) == {"step": 3}
     assert_same(full_state(fresh, fresh_opt), full_state(model, opt), "after a failed prune")
+
+
+def test_checkpoint_without_checksums_loads_with_a_warning(tmp_path: Path) -> None:
+    model, opt = _trained()
+    ckpt = checkpoint.save(tmp_path, model, opt)
+    manifest = json.loads((ckpt / store.MANIFEST).read_text())
+    (ckpt / store.MANIFEST).write_text(json.dumps({"files": manifest["files"]}))  # as written before checksums
+    fresh, fresh_opt = _fresh()
+    with pytest.warns(UserWarning, match="predates checksums"):
+        checkpoint.load(tmp_path, fresh, fresh_opt)
+    assert_same(full_state(fresh, fresh_opt), full_state(model, opt), "checkpoint without checksums")
+
+
+def test_filesystem_without_locks_is_a_named_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_locks(fd: int, mode: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(store.fcntl, "flock", no_locks)
+    with pytest.raises(checkpoint.CheckpointLockError, match="no flock; keep one writer per checkpoint root"):
+        checkpoint.save(tmp_path, *_trained())
+    assert not store.complete(tmp_path)
