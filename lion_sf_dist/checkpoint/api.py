@@ -181,7 +181,8 @@ def load(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
     Args:
         hparams: which hyper-parameters win where the checkpoint's and the running
             optimizer's differ: ``"running"`` (default, with a warning listing them),
-            ``"checkpoint"`` (copied into the running optimizer), ``"error"`` (raise).
+            ``"checkpoint"`` (copied into the running optimizer, once the load succeeded),
+            ``"error"`` (raise).
         weights_only: unpickle ``extra`` with ``torch.load(weights_only=...)``; pass ``False``
             for objects beyond tensors and Python containers (e.g. NumPy RNG states) from a
             checkpoint you trust.
@@ -251,6 +252,8 @@ def _read(state: dict[str, Any], reader: SafeReader, where: str) -> None:
         if ours:
             raise type(ours[0])(str(ours[0])) from e
         raise CheckpointCorruptError(f"{where}: reading the tensors failed: {e}") from e
+    except CheckpointError:
+        raise
     except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
         raise CheckpointCorruptError(f"{where}: reading the tensors failed: {e}") from e
 
