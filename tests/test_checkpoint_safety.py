@@ -244,3 +244,15 @@ def test_filesystem_without_locks_is_a_named_error(tmp_path: Path, monkeypatch: 
     with pytest.raises(checkpoint.CheckpointLockError, match="no flock; keep one writer per checkpoint root"):
         checkpoint.save(tmp_path, *_trained())
     assert not store.complete(tmp_path)
+
+
+def test_shard_checksums_computed_while_writing_match_the_files(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    read_back = []
+    real = checksum.file_checksum
+    monkeypatch.setattr(checksum, "file_checksum", lambda path: read_back.append(path.name) or real(path))
+    ckpt = checkpoint.save(tmp_path, *_trained())
+    assert sorted(read_back) == sorted([METADATA, store.META, store.EXTRA])  # shards: hashed as written
+    sums = json.loads((ckpt / store.MANIFEST).read_text())["checksums"]
+    assert any(n.endswith(".distcp") for n in sums)
+    assert all(real(ckpt / n) == value for n, value in sums.items())

@@ -10,20 +10,33 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
+from typing import Union
+
+Buffer = Union[bytes, bytearray, memoryview]
 
 ALGORITHM = "crc32"
 _CHUNK = 16 << 20  # read in 16 MiB pieces: bounded memory, large enough that the hashing dominates
 
 
+def update(state: int, data: Buffer) -> int:
+    """The running checksum ``state`` (0 to start) extended by ``data``."""
+    return zlib.crc32(data, state)
+
+
+def digest(state: int) -> str:
+    """A running checksum as recorded in the manifest: ``"<hex>"``."""
+    return f"{state:08x}"
+
+
 def file_checksum(path: Path) -> str:
-    """The checksum of ``path``'s bytes, as ``"<hex>"`` (``ALGORITHM``)."""
-    crc = 0
+    """The checksum of ``path``'s bytes (``ALGORITHM``, as :func:`digest` writes it)."""
+    state = 0
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
-            crc = zlib.crc32(view[:n], crc)
-    return f"{crc:08x}"
+            state = update(state, view[:n])
+    return digest(state)
 
 
 def checksums(directory: Path, names: list[str]) -> dict[str, str]:

@@ -19,15 +19,18 @@ Tensor data itself is read by DCP with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import pickle
 from pathlib import Path, PosixPath, PurePosixPath
-from typing import Any, Optional
+from typing import Any, BinaryIO, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, SavePlan, SavePlanner
 
 from lion_sf_dist.checkpoint import checksum, comm, store
@@ -226,17 +229,66 @@ class SafeReader(FileSystemReader):
         store.verify_files(self._ckpt, names, self._checksums)
 
 
+class _HashingStream:
+    """A file being written that keeps the running checksum of the bytes written to it, in order.
+
+    ``sequential`` turns false if the writer seeks (it could then overwrite bytes already
+    counted): the file is read back instead.
+    """
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self.state = 0
+        self.sequential = True
+
+    def write(self, data: checksum.Buffer) -> int:
+        n = self._raw.write(data)
+        self.state = checksum.update(self.state, memoryview(data).cast("B")[:n])
+        return n
+
+    def seek(self, *args: Any) -> int:
+        self.sequential = False
+        return self._raw.seek(*args)
+
+    def __getattr__(self, name: str) -> Any:  # tell, flush, fileno, close: the file's own
+        return getattr(self._raw, name)
+
+
+class _HashingFileSystem(FileSystem):
+    """DCP's local filesystem, recording the checksum of each file as it is written (``sums``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sums: dict[str, str] = {}
+
+    @contextlib.contextmanager
+    def create_stream(self, path: Union[str, "os.PathLike[str]"], mode: str) -> Iterator[Any]:
+        with super().create_stream(path, mode) as raw:
+            if mode != "wb":
+                yield raw
+                return
+            stream = _HashingStream(raw)
+            yield stream
+        if stream.sequential:
+            self.sums[Path(path).name] = checksum.digest(stream.state)
+
+
 class ChecksummingWriter(FileSystemWriter):
-    """``FileSystemWriter`` that records the checksum of every file this rank wrote (``written``)."""
+    """``FileSystemWriter`` that records the checksum of every file this rank wrote (``written``).
+
+    The checksum is computed from the bytes as they are written (no second pass over the
+    files), on the writing thread: for ``save_async``, in the background.
+    """
 
     def __init__(self, path: Path) -> None:
         super().__init__(str(path))
         self._dir = path
+        self.fs = _HashingFileSystem()
         self.written: dict[str, str] = {}
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Any:
-        """DCP's write, then the checksums of its files (read back while still in the page cache)."""
+        """DCP's write, then the checksums of its files."""
         done = super().write_data(plan, planner)
         names = sorted({r.storage_data.relative_path for r in done.wait()})
-        self.written = checksum.checksums(self._dir, names)
+        self.written = {n: self.fs.sums.get(n) or checksum.file_checksum(self._dir / n) for n in names}
         return done
