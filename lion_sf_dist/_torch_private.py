@@ -8,7 +8,7 @@ Nothing else in the package names a private torch attribute or module.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -96,6 +96,26 @@ def floats_as_constants() -> Iterator[None]:
         yield
 
 
+def dcp_metadata_pickle_names() -> dict[tuple[str, str], Any]:
+    """The classes and functions a DCP ``.metadata`` pickle refers to (torch 2.13), by ``(module, name)``.
+
+    The restricted unpickler of :mod:`lion_sf_dist.checkpoint.storage` builds these and
+    nothing else. Private among them: ``filesystem._StorageInfo``, the per-entry record
+    ``FileSystemWriter`` pickles (file, offset, length); ``serialization._get_layout``, how a
+    ``torch.layout`` pickles; ``metadata._MEM_FORMAT_ENCODING``, the memory-format enum of
+    ``TensorProperties``. A torch that renames one fails here, on import, loudly.
+    """
+    from torch.distributed.checkpoint import metadata
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.serialization import _get_layout
+
+    public = ("Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+              "StorageMeta", "_MEM_FORMAT_ENCODING")
+    return {**{("torch.distributed.checkpoint.metadata", n): getattr(metadata, n) for n in public},
+            ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
+            ("torch.serialization", "_get_layout"): _get_layout}
+
+
 def names() -> dict[str, bool]:
     """Whether each private name above still exists in the installed torch (pinned by a test)."""
     import torch._dynamo.config
@@ -111,4 +131,5 @@ def names() -> dict[str, bool]:
         "torch._dynamo.config.specialize_float": hasattr(torch._dynamo.config, "specialize_float"),
         "OptimizedModule._orig_mod": compiled_inner_module(torch.compile(module)) is module,  # type: ignore[arg-type]
         "FSDP1 _fsdp_flattened": getattr(_common_utils, "FSDP_FLATTENED", None) == "_fsdp_flattened",
+        "DCP metadata pickle names": len(dcp_metadata_pickle_names()) == 9,
     }
