@@ -10,7 +10,8 @@ One script, three engines:
 
 ``--steps`` is the step to reach: ``--resume`` continues from the newest complete
 checkpoint in ``--out`` at whatever world size the job now has, and so does a job that
-``torchrun --max-restarts`` restarted after a failure. SIGTERM (preemption) writes a
+``torchrun --max-restarts`` restarted after a failure. If that checkpoint is damaged the
+run stops and names the newest intact older one, to pass as ``--resume-from PATH``. SIGTERM (preemption) writes a
 checkpoint and exits cleanly. gloo on CPU, NCCL on GPU, chosen automatically.
 
 ``OUT/metrics.csv`` gets a row every ``--log-every`` steps (training loss, mean LionSF
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from lion_sf_dist import LionSF, checkpoint
+from lion_sf_dist.checkpoint.store import complete
 
 LAUNCH = Path(__file__).resolve().parent
 
@@ -201,6 +203,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--checkpoint-every", type=int, default=100, help="0: only at the end and on SIGTERM")
     ap.add_argument("--out", type=Path, default=Path("runs/train"))
     ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    ap.add_argument("--resume-from", type=Path, metavar="PATH",
+                    help="continue from this checkpoint directory (e.g. an older one when the newest is damaged)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
@@ -247,15 +251,22 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_dir = args.out / "checkpoints"
     start = 0
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun --max-restarts
-    if args.resume or restarted:
+    if args.resume or args.resume_from or restarted:
+        flag = "--resume-from" if args.resume_from else "--resume"
         try:
-            start = checkpoint.load(ckpt_dir, model, opt)["step"]
+            start = checkpoint.load(args.resume_from or ckpt_dir, model, opt)["step"]
         except checkpoint.CheckpointNotFoundError as e:
-            if args.resume:
+            if args.resume or args.resume_from:
                 if rank == 0:
-                    print(f"train.py: --resume: {e}", file=sys.stderr)
+                    print(f"train.py: {flag}: {e}", file=sys.stderr)
                 dist.destroy_process_group()
                 return 2
+        except checkpoint.CheckpointCorruptError as e:
+            if rank == 0:
+                print(f"train.py: {flag}: {e}\n{intact_hint(checkpoint.latest(args.resume_from or ckpt_dir))}",
+                      file=sys.stderr)
+            dist.destroy_process_group()
+            return 2
         if rank == 0:
             print(f"train.py: resuming at step {start} on {world} processes", file=sys.stderr)
     stop = {"signal": False}
@@ -322,6 +333,17 @@ def summary(step: int, last_val: float | None, tokens_per_s: float, ckpt_dir: Pa
     val = "none this run" if last_val is None else f"{last_val:.4f}"
     return (f"train.py: step {step}: final val loss {val}, {tokens_per_s:.0f} tokens/s, "
             f"checkpoint {checkpoint.latest(ckpt_dir)}")
+
+
+def intact_hint(damaged: Path) -> str:
+    """Which checkpoint older than ``damaged`` (beside it) is intact, checked file by file: a ``--resume-from`` hint."""
+    for ckpt in reversed([d for d in complete(damaged.parent) if d.name < damaged.name]):
+        try:
+            checkpoint.verify(ckpt)
+        except checkpoint.CheckpointError:
+            continue
+        return f"train.py: the newest intact checkpoint is {ckpt}: resume from it with --resume-from {ckpt}"
+    return f"train.py: no intact checkpoint older than {damaged}: start afresh, without --resume"
 
 
 def init_distributed(backend: str) -> None:

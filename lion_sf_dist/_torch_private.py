@@ -136,6 +136,26 @@ def local_shape_and_offset(p: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(shape), tuple(offset)
 
 
+def dcp_metadata_pickle_names() -> dict[tuple[str, str], Any]:
+    """The classes and functions a DCP ``.metadata`` pickle refers to (torch 2.13), by ``(module, name)``.
+
+    The restricted unpickler of :mod:`lion_sf_dist.checkpoint.storage` builds these and
+    nothing else. Private among them: ``filesystem._StorageInfo``, the per-entry record
+    ``FileSystemWriter`` pickles (file, offset, length); ``serialization._get_layout``, how a
+    ``torch.layout`` pickles; ``metadata._MEM_FORMAT_ENCODING``, the memory-format enum of
+    ``TensorProperties``. A torch that renames one fails here, on import, loudly.
+    """
+    from torch.distributed.checkpoint import metadata
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.serialization import _get_layout
+
+    public = ("Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+              "StorageMeta", "_MEM_FORMAT_ENCODING")
+    return {**{("torch.distributed.checkpoint.metadata", n): getattr(metadata, n) for n in public},
+            ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
+            ("torch.serialization", "_get_layout"): _get_layout}
+
+
 def names() -> dict[str, bool]:
     """Whether each private name above still exists in the installed torch (pinned by a test)."""
     import torch.fx.experimental._config
@@ -156,6 +176,7 @@ def names() -> dict[str, bool]:
         "compute_local_shape_and_global_offset": _has_local_offsets(),
         "OptimizedModule._orig_mod": compiled_inner_module(torch.compile(module)) is module,  # type: ignore[arg-type]
         "FSDP1 _fsdp_flattened": getattr(_common_utils, "FSDP_FLATTENED", None) == "_fsdp_flattened",
+        "DCP metadata pickle names": len(dcp_metadata_pickle_names()) == 9,
     }
 
 

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lion_sf_dist.agreement_average import AgreementAverage
+from lion_sf_dist.coordinator import Coordinator
 from lion_sf_dist.devices import to_device
 from lion_sf_dist.kernel import Kernel, scales_from_counts
 from lion_sf_dist.layouts import Fragment, Layout, ParamLayout, Segment
@@ -87,6 +88,9 @@ class LionSF(Optimizer):
             only on ``rounding_seed``, the step count and the element's place in the logical
             parameter: the same at every world size and sharding.
         rounding_seed: the seed of those bits.
+        coordinator: count this optimizer's units together with those of the other
+            optimizers sharing the :class:`~lion_sf_dist.coordinator.Coordinator` (model
+            parts, pipeline stages), as one LionSF over all their parameters would.
 
     A unit whose gradient holds a NaN or Inf anywhere (on any rank) is skipped that step:
     its parameters and ``exp_avg`` keep their values. ``last_skipped`` counts such units.
@@ -111,6 +115,7 @@ class LionSF(Optimizer):
         state_dtype: Optional[torch.dtype] = None,
         stochastic_rounding: bool = False,
         rounding_seed: int = 0,
+        coordinator: Optional[Coordinator] = None,
     ) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay)
         check_group_values(defaults)
@@ -146,8 +151,12 @@ class LionSF(Optimizer):
         self.last_agreement: Optional[Tensor] = None
         self.last_scale: Optional[Tensor] = None
         self.last_skipped: Optional[Tensor] = None
+        self._shared: Optional[Coordinator] = None
         super().__init__(params, defaults)
         _ = self.units  # fails here, not at the first step, when a unit needs names it was not given
+        if coordinator is not None:
+            coordinator.join(self)
+            self._shared = coordinator
 
     # -- construction, units and layout ----------------------------------------------
 
@@ -320,18 +329,21 @@ class LionSF(Optimizer):
         segments = self._layout.segments(self.param_groups, self.state, units)
         if segments is None:
             return loss  # a ZeRO engine step is still being collected
-        if segments:
-            scale, keep = self._scales(segments)
-            self._apply(segments, scale, keep)
-        self._layout.finish()
+        if self._shared is not None:
+            self._shared.submit(self, segments)  # the last member of a step counts and applies for all
+            return loss
+        slotted, process_groups = self.local_counts(segments)
+        self.finish_step(segments, reduce_counts(slotted, process_groups))
         return loss
 
-    def _scales(self, segments: list[Segment]) -> tuple[Tensor, Tensor]:
-        """Count, reduce and turn into per-unit ``(scale, keep)`` the agreement of ``segments``.
+    def local_counts(self, segments: list[Segment]) -> tuple[Tensor, list[Optional[dist.ProcessGroup]]]:
+        """This rank's int64 ``[A, N, P]`` per unit of ``segments``, one slice per process group to sum over.
 
-        Collective over every rank holding a piece of these segments' parameters; stores
-        ``last_agreement``, ``last_scale`` and ``last_skipped``.
+        Returns ``(slotted [len(groups), units, 3], groups)``: summing ``slotted[k]`` over
+        ``groups[k]`` (``None``: this rank alone), then over ``k``, gives every unit's counts.
         """
+        if not segments:
+            return torch.zeros(1, self.units.count, 3, dtype=torch.int64), [None]
         plan = self._plan(segments)
         counted = [s for s in segments if s.counted and s.p.numel() > 0]
         slotted = torch.zeros(len(plan.process_groups), self.units.count, 3, dtype=torch.int64, device=plan.device)
@@ -340,19 +352,28 @@ class LionSF(Optimizer):
                                       tuple(s.param_group["betas"][0] for s in counted))
             rows = torch.cat((rows[:, :1], plan.numel, rows[:, 1:]), dim=1)
             slotted.view(-1, 3).index_add_(0, plan.row_index, rows)
-        totals = reduce_counts(slotted, plan.process_groups)
-        if self.agreement_ema:
-            ema = self._average.vector(self.state, self.units.count, plan.device)
-            agreement, scale, keep = scales_from_counts(totals, self.pow, self.negative, ema,
-                                                        self._ema_betas(plan.device))
-        else:
-            agreement, scale, keep = scales_from_counts(totals, self.pow, self.negative)
-        self.last_agreement, self.last_scale = agreement, scale
-        self.last_skipped = ((totals[:, 1] > 0) & ~keep).sum()
-        return scale, keep
+        return slotted, plan.process_groups
+
+    def finish_step(self, segments: list[Segment], totals: Tensor) -> None:
+        """Scale and apply the update of ``segments`` from every unit's reduced ``totals [units, 3]``.
+
+        Stores ``last_agreement``, ``last_scale`` and ``last_skipped``; then the layout
+        propagates the update (ZeRO's bit16 copies).
+        """
+        if segments:
+            if self.agreement_ema:
+                ema = self._average.vector(self.state, self.units.count, totals.device)
+                agreement, scale, keep = scales_from_counts(totals, self.pow, self.negative, ema,
+                                                            self._ema_betas(totals.device))
+            else:
+                agreement, scale, keep = scales_from_counts(totals, self.pow, self.negative)
+            self.last_agreement, self.last_scale = agreement, scale
+            self.last_skipped = ((totals[:, 1] > 0) & ~keep).sum()
+            self._apply(segments, scale, keep)
+        self._layout.finish()
 
     def _apply(self, segments: list[Segment], scale: Tensor, keep: Tensor) -> None:
-        """Apply the update to ``segments`` with per-unit ``scale`` and ``keep`` from :meth:`_scales`."""
+        """Apply the update to ``segments`` with per-unit ``scale`` and ``keep`` (see :meth:`finish_step`)."""
         live = [s for s in segments if s.p.numel() > 0]
         if not live:
             return

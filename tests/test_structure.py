@@ -88,8 +88,9 @@ def test_lower_layers_do_not_import_upper_ones(lower: str, upper: str) -> None:
     assert offenders == []
 
 
-_PRIVATE_TORCH = re.compile(r"torch(\.\w+)*\._[a-z]\w*|\._(orig_mod|buffers|non_persistent_buffers_set|base|"
-                            r"fsdp_flattened|init_from_local_shards\w*)\b")
+_PRIVATE_TORCH = re.compile(r"torch(\.\w+)*\._\w+|from torch[\w.]* import .*\b_[A-Za-z]\w*|"
+                            r"\._(orig_mod|buffers|non_persistent_buffers_set|base|fsdp_flattened|"
+                            r"init_from_local_shards\w*|MEM_FORMAT_ENCODING)\b")
 
 
 def test_private_torch_names_live_in_the_fence() -> None:
@@ -103,6 +104,8 @@ def test_private_torch_names_live_in_the_fence() -> None:
 def test_the_fence_check_would_see_a_private_name() -> None:
     assert _PRIVATE_TORCH.search("with torch._dynamo.config.patch(x=1):")
     assert _PRIVATE_TORCH.search("model._orig_mod")
+    assert _PRIVATE_TORCH.search("from torch.serialization import _get_layout")
+    assert not _PRIVATE_TORCH.search("from torch.distributed.tensor import DTensor")
 
 
 def test_private_torch_names_still_exist() -> None:
@@ -111,7 +114,7 @@ def test_private_torch_names_still_exist() -> None:
 
 
 def test_public_surface() -> None:
-    assert lion_sf_dist.__all__ == ["LionSF"]
+    assert lion_sf_dist.__all__ == ["LionSF", "Coordinator"]
     from lion_sf_dist import checkpoint, deepspeed
 
     assert set(deepspeed.__all__) == {"initialize", "attach", "OPTIMIZER_TYPE"}

@@ -152,6 +152,22 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     assert proc.returncode != 0 and "--resume" in proc.stderr and "checkpoint" in proc.stderr
 
 
+def test_resume_with_newest_checkpoint_corrupt_names_an_intact_one_and_resume_from_it(tmp_path):
+    run(1, "--steps", "10", "--eval-every", "5", "--checkpoint-every", "5", "--out", str(tmp_path))
+    newest = tmp_path / "checkpoints" / "ckpt-00000001"
+    shard = next(newest.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, other contents
+    shard.write_bytes(bytes(data))
+    proc = subprocess.run(torchrun(1, "--steps", "15", "--resume", "--out", str(tmp_path)), env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    older = tmp_path / "checkpoints" / "ckpt-00000000"
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert f"'{shard.name}' is corrupt" in proc.stderr and f"--resume-from {older}" in proc.stderr, proc.stderr[-3000:]
+    resumed = run(1, "--steps", "15", "--eval-every", "5", "--resume-from", str(older), "--out", str(tmp_path))
+    assert "resuming at step 5 on 1 processes" in resumed.stderr
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--steps", "0"], "--steps must be >= 1"),
     (["--log-every", "0"], "--log-every must be >= 1"),

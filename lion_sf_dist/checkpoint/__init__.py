@@ -34,18 +34,20 @@ the saved ones, ``hparams="error"`` refuses. ``save_async`` returns once this ra
 is copied to host memory and writes it on a background thread.
 """
 
-from lion_sf_dist.checkpoint.api import latest, load, save, save_async
+from lion_sf_dist.checkpoint.api import latest, load, save, save_async, verify
 from lion_sf_dist.checkpoint.errors import (
     CheckpointCorruptError,
     CheckpointError,
+    CheckpointLockError,
     CheckpointNotFoundError,
     ModelMismatchError,
     OptimizerMismatchError,
+    UnsafeCheckpointError,
 )
 from lion_sf_dist.checkpoint.pending import PendingSave
 
 __all__ = [
-    "save", "save_async", "load", "latest", "PendingSave",
-    "CheckpointError", "CheckpointNotFoundError", "CheckpointCorruptError",
-    "ModelMismatchError", "OptimizerMismatchError",
+    "save", "save_async", "load", "latest", "verify", "PendingSave",
+    "CheckpointError", "CheckpointNotFoundError", "CheckpointCorruptError", "UnsafeCheckpointError",
+    "CheckpointLockError", "ModelMismatchError", "OptimizerMismatchError",
 ]

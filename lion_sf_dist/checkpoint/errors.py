@@ -21,3 +21,15 @@ class ModelMismatchError(CheckpointError):
 
 class OptimizerMismatchError(CheckpointError):
     """The checkpoint's optimizer state does not fit the running optimizer."""
+
+
+class UnsafeCheckpointError(CheckpointCorruptError):
+    """A checkpoint file holds objects outside the allow-list of what this format writes.
+
+    Raised before anything in the file is constructed: the file was replaced or tampered
+    with (or written by something else), and loading it could run code.
+    """
+
+
+class CheckpointLockError(CheckpointError):
+    """The checkpoint root's lock file cannot be locked (a filesystem without ``flock``)."""

@@ -1,0 +1,258 @@
+"""Checkpoints that cannot hurt (issue 15): untrusted files, silent corruption, concurrent
+writers, torn asynchronous saves, failed loads, errors on one rank, ``keep``.
+
+Each test is named after the case it guards; multi-rank cases run at W=2 on gloo.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lion_sf_dist import checkpoint
+from lion_sf_dist.checkpoint import checksum, store
+from lion_sf_dist.checkpoint.storage import METADATA, uncovered
+from tests import checkpoint_safety_worker as worker
+from tests.checkpoint_cases import Tiny, assert_same, full_state, make_optimizer, train
+from tests.harness import run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _trained(steps: int = 2, seed: int = 0) -> tuple[Tiny, torch.optim.Optimizer]:
+    model = Tiny(seed)
+    opt = make_optimizer(model)
+    train(model, opt, range(steps))
+    return model, opt
+
+
+def _fresh() -> tuple[Tiny, torch.optim.Optimizer]:
+    model = Tiny(seed=7)
+    return model, make_optimizer(model)
+
+
+def _reseal(ckpt: Path, name: str) -> None:
+    """Update the manifest's size and checksum of ``name`` to its current contents (as an attacker would)."""
+    manifest = json.loads((ckpt / store.MANIFEST).read_text())
+    manifest["files"][name] = (ckpt / name).stat().st_size
+    manifest["checksums"][name] = checksum.file_checksum(ckpt / name)
+    (ckpt / store.MANIFEST).write_text(json.dumps(manifest))
+
+
+class _WritesAFile:
+    """Unpickles into a call that writes a file: the code a tampered ``.metadata`` would run."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.target)!r}, 'w').write('ran')",)
+
+
+def test_malicious_metadata_is_refused_and_its_code_never_runs(tmp_path: Path) -> None:
+    model, opt = _trained()
+    ckpt = checkpoint.save(tmp_path / "run", model, opt)
+    marker = tmp_path / "pwned"
+    (ckpt / METADATA).write_bytes(pickle.dumps(_WritesAFile(marker)))
+    _reseal(ckpt, METADATA)
+    fresh, fresh_opt = _fresh()
+    before = full_state(fresh, fresh_opt)
+    with pytest.raises(checkpoint.UnsafeCheckpointError, match=r"builtins.exec is not allowed in .*\.metadata"):
+        checkpoint.load(tmp_path / "run", fresh, fresh_opt)
+    assert not marker.exists(), "the checkpoint's code ran"
+    assert_same(full_state(fresh, fresh_opt), before, "after a refused load")
+
+
+def test_one_float_overwritten_with_1e30_is_named(tmp_path: Path) -> None:
+    model, opt = _trained()
+    ckpt = checkpoint.save(tmp_path, model, opt)
+    shard = next(ckpt.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    at = data.find(struct.pack("<f", model.a.weight[2, 3].item()))
+    assert at > 0
+    data[at:at + 4] = struct.pack("<f", 1e30)
+    shard.write_bytes(bytes(data))  # same size: the manifest's sizes cannot tell
+    fresh, fresh_opt = _fresh()
+    before = full_state(fresh, fresh_opt)
+    with pytest.raises(checkpoint.CheckpointCorruptError, match=f"file '{shard.name}' is corrupt"):
+        checkpoint.load(tmp_path, fresh, fresh_opt)
+    assert_same(full_state(fresh, fresh_opt), before, "after a refused load")
+
+
+def test_shards_not_covering_a_tensor_are_refused(tmp_path: Path) -> None:
+    model, opt = _trained()
+    ckpt = checkpoint.save(tmp_path, model, opt)
+    md = pickle.loads((ckpt / METADATA).read_bytes())  # our own file, read to forge a torn one
+    entry = md.state_dict_metadata["param/a.weight"]
+    entry.chunks[0].sizes = torch.Size([3, 7])  # only rank 0's half of a (6, 7) weight, as a torn save wrote
+    (ckpt / METADATA).write_bytes(pickle.dumps(md))
+    _reseal(ckpt, METADATA)
+    fresh, fresh_opt = _fresh()
+    before = full_state(fresh, fresh_opt)
+    with pytest.raises(checkpoint.CheckpointCorruptError,
+                       match=r"'param/a.weight' is incomplete.*hold 21 of its 42 elements"):
+        checkpoint.load(tmp_path, fresh, fresh_opt)
+    assert_same(full_state(fresh, fresh_opt), before, "after a refused load")
+
+
+@pytest.mark.parametrize("boxes,why", [
+    ([((0, 0), (3, 7)), ((3, 0), (3, 7))], None),
+    ([((0, 0), (3, 7)), ((0, 0), (3, 7)), ((3, 0), (3, 7))], None),  # a replicated piece written twice
+    ([((0, 0), (3, 7))], "hold 21 of its 42"),
+    ([((0, 0), (4, 7)), ((2, 0), (2, 7))], "overlap"),
+    ([((0, 0), (4, 7)), ((3, 0), (3, 7))], "overlap"),
+    ([((0, 0), (6, 4)), ((0, 4), (6, 3))], None),
+    ([((0, 0), (6, 8))], "outside"),
+])
+def test_coverage_of_chunks(boxes: list, why: str) -> None:
+    result = uncovered((6, 7), boxes)
+    assert (result is None) if why is None else (why in result), result
+
+
+def test_failed_load_changes_nothing_including_checkpoint_hparams(tmp_path: Path) -> None:
+    model, opt = _trained()
+    ckpt = checkpoint.save(tmp_path, model, opt)
+    shard = next(ckpt.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    fresh, fresh_opt = _trained(3, seed=5)
+    fresh_opt.param_groups[0]["lr"], fresh_opt.pow = 5e-3, 1.0
+    before = full_state(fresh, fresh_opt)
+    with pytest.raises(checkpoint.CheckpointCorruptError, match=shard.name):
+        checkpoint.load(tmp_path, fresh, fresh_opt, hparams="checkpoint")
+    assert_same(full_state(fresh, fresh_opt), before, "after a failed load")
+    assert (fresh_opt.param_groups[0]["lr"], fresh_opt.pow) == (5e-3, 1.0)
+
+
+def test_failed_load_garbled_file_of_one_rank_changes_nothing_on_any_rank(tmp_path: Path) -> None:
+    results = run(worker.garbled_file_of_one_rank, 2, str(tmp_path))
+    for rank, r in enumerate(results):
+        assert r["error"] and r["error"].startswith("CheckpointCorruptError: "), (rank, r)
+        assert f"'{r['garbled']}' is corrupt" in r["error"], (rank, r)
+        assert r["unchanged"], f"rank {rank}: the failed load changed the running model or optimizer"
+        assert r["hparams"] == (5e-3, 1.0), (rank, r["hparams"])
+
+
+def test_bad_input_on_rank1_only_raises_on_both_ranks_within_seconds(tmp_path: Path) -> None:
+    results = run(worker.one_rank_bad, 2, str(tmp_path / "run"), timeout=120)
+    for rank, r in enumerate(results):
+        for case, cls, text in (("extra", "CheckpointError", "extra cannot be pickled on rank 1"),
+                                ("save_model", "ModelMismatchError", "ranks [1] hold a model"),
+                                ("load_model", "ModelMismatchError", "'b.weight' has shape (3, 6)")):
+            got = r[case]
+            assert got["error"] and got["error"].startswith(f"{cls}: ") and text in got["error"], (rank, case, got)
+            assert got["seconds"] < 10, (rank, case, got)
+        assert r["complete"] == ["ckpt-00000000"], r["complete"]  # the failed saves committed nothing
+
+
+def test_two_writers_on_one_root_keep_3(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+    def writer(name: str, saves: int, hold: bool) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "tests.checkpoint_concurrent", str(root),
+                                 str(tmp_path / name), str(saves), "1" if hold else "0"], cwd=REPO, env=env,
+                                stderr=subprocess.PIPE, text=True)
+
+    slow = writer("slow.pt", 1, hold=True)  # one save, held in the middle of writing its shards
+    end = time.time() + 60
+    while not (root.is_dir() and any(d.name.startswith(store.TMP) for d in root.iterdir())):
+        assert time.time() < end and slow.poll() is None, "the slow writer did not start"
+        time.sleep(0.05)
+    fast = writer("fast.pt", 4, hold=False)  # four saves with keep=3, pruning while the slow one writes
+    _, err = fast.communicate(timeout=120)
+    assert fast.returncode == 0, err[-3000:]
+    (tmp_path / "slow.pt.go").touch()
+    _, err = slow.communicate(timeout=120)
+    assert slow.returncode == 0, err[-3000:]
+    reported = torch.load(tmp_path / "slow.pt") + torch.load(tmp_path / "fast.pt")
+    kept = store.complete(root)
+    assert len(kept) == 3 and not [d for d in root.iterdir() if d.name.startswith((store.TMP, store.DELETED))]
+    assert {p for p, _ in reported} >= {str(d) for d in kept}
+    for path, state in reported:
+        if Path(path).exists():  # the others were pruned, whole, by a later save (keep=3)
+            model, opt = _fresh()
+            checkpoint.load(path, model, opt)
+            assert_same(full_state(model, opt), state, path)
+    assert Path(torch.load(tmp_path / "slow.pt")[0][0]) == kept[-1], "the last committed is the newest"
+
+
+def test_async_save_then_destroy_process_group_commits_all_shards(tmp_path: Path) -> None:
+    results = run(worker.async_then_destroy, 2, str(tmp_path / "run"), str(tmp_path / "store2"))
+    for r in results:
+        assert r["error"] is None and r["done"], r["error"]
+    assert {r["path"] for r in results} == {str(checkpoint.latest(tmp_path / "run"))}
+    model, opt = _fresh()
+    checkpoint.load(tmp_path / "run", model, opt)
+    assert_same(full_state(model, opt), results[0]["saved"], "save_async torn by destroy_process_group")
+
+
+@pytest.mark.parametrize("keep", [True, 1.5, 0, -1, "3"])
+def test_bad_keep_refused_before_writing(tmp_path: Path, keep: object) -> None:
+    model, opt = _trained()
+    with pytest.raises(ValueError, match="keep must be an int >= 1 or None"):
+        checkpoint.save(tmp_path / "run", model, opt, keep=keep)
+    with pytest.raises(ValueError, match="keep must be an int >= 1 or None"):
+        checkpoint.save_async(tmp_path / "run", model, opt, keep=keep)
+    assert not (tmp_path / "run").exists()
+
+
+def test_prune_failure_is_a_warning_and_the_save_succeeded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, opt = _trained()
+    checkpoint.save(tmp_path, model, opt, keep=1)
+
+    def denied(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(store, "prune", denied)
+    train(model, opt, range(2, 3))
+    with pytest.warns(UserWarning, match="was saved, but pruning old checkpoints failed.*Permission denied"):
+        path = checkpoint.save(tmp_path, model, opt, keep=1, extra={"step": 3})
+    assert path == checkpoint.latest(tmp_path)
+    fresh, fresh_opt = _fresh()
+    assert checkpoint.load(tmp_path, fresh, fresh_opt) == {"step": 3}
+    assert_same(full_state(fresh, fresh_opt), full_state(model, opt), "after a failed prune")
+
+
+def test_checkpoint_without_checksums_loads_with_a_warning(tmp_path: Path) -> None:
+    model, opt = _trained()
+    ckpt = checkpoint.save(tmp_path, model, opt)
+    manifest = json.loads((ckpt / store.MANIFEST).read_text())
+    (ckpt / store.MANIFEST).write_text(json.dumps({"files": manifest["files"]}))  # as written before checksums
+    fresh, fresh_opt = _fresh()
+    with pytest.warns(UserWarning, match="predates checksums"):
+        checkpoint.load(tmp_path, fresh, fresh_opt)
+    assert_same(full_state(fresh, fresh_opt), full_state(model, opt), "checkpoint without checksums")
+
+
+def test_filesystem_without_locks_is_a_named_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_locks(fd: int, mode: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(store.fcntl, "flock", no_locks)
+    with pytest.raises(checkpoint.CheckpointLockError, match="no flock; keep one writer per checkpoint root"):
+        checkpoint.save(tmp_path, *_trained())
+    assert not store.complete(tmp_path)
+
+
+def test_shard_checksums_computed_while_writing_match_the_files(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    read_back = []
+    real = checksum.file_checksum
+    monkeypatch.setattr(checksum, "file_checksum", lambda path: read_back.append(path.name) or real(path))
+    ckpt = checkpoint.save(tmp_path, *_trained())
+    assert sorted(read_back) == sorted([METADATA, store.META, store.EXTRA])  # shards: hashed as written
+    sums = json.loads((ckpt / store.MANIFEST).read_text())["checksums"]
+    assert any(n.endswith(".distcp") for n in sums)
+    assert all(real(ckpt / n) == value for n, value in sums.items())
