@@ -223,3 +223,32 @@ def test_stochastic_rounding_moves_small_updates_and_restarts_with_the_same_bits
     never_stochastic = (stochastic.detach() == init).float().mean().item()
     assert never_nearest > 0.1 and never_stochastic < never_nearest / 3, (never_nearest, never_stochastic)
     assert torch.equal(restarted.detach(), stochastic.detach()), "the restart drew other bits"
+
+
+def test_checkpoint_hot_restart_draws_the_same_bits(tmp_path):
+    """``lion_sf_dist.checkpoint`` keeps the step count that keys the bits: a restart continues bitwise."""
+    from lion_sf_dist import checkpoint
+
+    gen = torch.Generator().manual_seed(9)
+    grads = [torch.randn(64, 8, generator=gen).to(torch.bfloat16) for _ in range(6)]
+
+    def model_and_opt() -> tuple[torch.nn.Module, LionSF]:
+        model = torch.nn.Linear(8, 64, bias=False).to(torch.bfloat16)
+        with torch.no_grad():
+            model.weight.copy_((torch.randn(64, 8, generator=torch.Generator().manual_seed(1)) * 0.02))
+        return model, LionSF(model.parameters(), lr=1e-4, pow=0.0, stochastic_rounding=True, rounding_seed=7)
+
+    def run(model: torch.nn.Module, opt: LionSF, steps: range) -> None:
+        for k in steps:
+            model.weight.grad = grads[k].clone()
+            opt.step()
+
+    model, opt = model_and_opt()
+    run(model, opt, range(3))
+    checkpoint.save(tmp_path / "ckpt", model, opt)
+    run(model, opt, range(3, 6))
+    again, opt2 = model_and_opt()
+    checkpoint.load(tmp_path / "ckpt", again, opt2)
+    assert opt2.rounding_step == 3
+    run(again, opt2, range(3, 6))
+    assert torch.equal(again.weight, model.weight)

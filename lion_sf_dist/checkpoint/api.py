@@ -232,6 +232,8 @@ def load(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
     extra = comm.agree(lambda: _checked_files(reader, extra_bytes, weights_only, where))
     _read(state, reader, where)
     _apply(snap, model, optimizer, hot, changes)
+    if hot and isinstance(optimizer, LionSF):
+        optimizer.rounding_step = int(saved["optimizer"].get("rounding_step", optimizer.rounding_step))
     return extra
 
 

@@ -52,6 +52,7 @@ def describe_optimizer(snap: Snapshot, optimizer: torch.optim.Optimizer) -> dict
                    for names, g in zip(snap.optimizer_names, hyper["groups"])],
         "state": sorted(snap.exp_avg),
         "agreement_ema_state": sorted(snap.ema),
+        "rounding_step": optimizer.rounding_step,  # keys stochastic rounding: a hot restart draws the same bits
     }
 
 
