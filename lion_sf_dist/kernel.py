@@ -636,14 +636,15 @@ class Kernel:
         coefs = self._coef_tensor(beta1s, beta1s, device, padded=True)
         ms, gs = self._views.persistent(ms), _detached_flat(gs)
         parts = []
-        for b, take in enumerate(plan.take):
-            fn = self._compiled_fn("count", _compiled_count, plan.batches[b][0], False, device)
-            if fn is None:
-                return None
-            done, rows = fn(*plan.lists(b, ms, gs), coefs, take)
-            if not done:
-                return None
-            parts.append(rows)
+        with no_duck_shapes():  # once per step: the config patch costs as much as a compiled call's guards
+            for b, take in enumerate(plan.take):
+                fn = self._compiled_fn("count", _compiled_count, plan.batches[b][0], False, device)
+                if fn is None:
+                    return None
+                done, rows = fn(*plan.lists(b, ms, gs), coefs, take)
+                if not done:
+                    return None
+                parts.append(rows)
         return torch.cat(parts)[plan.inverse]
 
     def _apply_compiled(self, ps: Sequence[Tensor], ms: Sequence[Tensor], gs: Sequence[Tensor], step_size: Tensor,
@@ -666,12 +667,13 @@ class Kernel:
         keys = _padded(rounding.keys(), 0) if rounding is not None else None
         self._views.forget_unused([*ps, *ms])
         lists = self._views.persistent(ps), self._views.persistent(ms), _detached_flat(gs)
-        for b, (fn, take) in enumerate(zip(fns, plan.take)):
-            done, _ = fn(*plan.lists(b, *lists), step_size, decay, keep, coefs, keys, where, take)
-            if not done:  # only the first batch can fail (a new graph): nothing was written yet
-                if b:
-                    raise RuntimeError("LionSF's compiled kernel failed after part of the step was applied")
-                return False
+        with no_duck_shapes():
+            for b, (fn, take) in enumerate(zip(fns, plan.take)):
+                done, _ = fn(*plan.lists(b, *lists), step_size, decay, keep, coefs, keys, where, take)
+                if not done:  # only the first batch can fail (a new graph): nothing was written yet
+                    if b:
+                        raise RuntimeError("LionSF's compiled kernel failed after part of the step was applied")
+                    return False
         return True
 
     def _plan(self, lists: tuple[Sequence[Tensor], ...], device: torch.device) -> _Batches:
@@ -725,13 +727,12 @@ class Kernel:
 
 def _guarded(compiled: Callable, kernel: Kernel) -> Callable[..., tuple[bool, object]]:
     """``(True, compiled(*args))``, or ``(False, None)`` when dynamo's recompile limit was hit through graphs we
-    did not predict (the caller then runs the eager path; nothing ran). Sizes get their own symbols
-    (no duck shaping), so batches whose tensors happen to share a size do not compile a graph of their own."""
+    did not predict (the caller then runs the eager path; nothing ran). Callers run it without duck shaping
+    (sizes get their own symbols), so batches whose tensors happen to share a size share the graph."""
 
     def run(*args: object) -> tuple[bool, object]:
         try:
-            with no_duck_shapes():
-                return True, compiled(*args)
+            return True, compiled(*args)
         except recompile_limit_hit():
             kernel._warn_fallback()
             return False, None
