@@ -10,7 +10,10 @@ the peak memory a step allocates beyond what it holds, and the optimizer state p
 kernel launch on a GPU), on ``meta`` tensors shaped like GPT-2 small and Llama-7B, for
 LionSF's chunked and multi-tensor paths and for AdamW.
 
-    python launch/bench_step.py [--blocks 12] [--rounds 7] [--threads 2] [--count-ops]
+    python launch/bench_step.py [--blocks 12] [--rounds 7] [--threads 2] [--device cuda] [--count-ops]
+
+On a GPU (``--device cuda``) each timed step ends with a device synchronisation and the
+memory column is the step's peak device allocation beyond what the optimizer holds.
 """
 
 from __future__ import annotations
@@ -118,6 +121,26 @@ def count_table() -> None:
         print(f"\n{note}")
 
 
+def timed_step(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    """One step, finished on the device before returning (so the host clock measures it)."""
+    opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_peak_mib(opt: torch.optim.Optimizer, device: torch.device) -> float:
+    """Memory one step allocates beyond what is held before it (host RSS on CPU, allocator peak on CUDA)."""
+    if device.type == "cuda":
+        held = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        timed_step(opt, device)
+        return (torch.cuda.max_memory_allocated(device) - held) / 2**20
+    before = rss_kib()
+    reset_peak()
+    opt.step()
+    return (peak_rss_kib() - before) / 1024
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--blocks", type=int, default=12)
@@ -125,17 +148,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-compiled", action="store_true", help="leave out the torch.compile path")
     ap.add_argument("--count-ops", action="store_true", help="count dispatched ops per step on meta tensors instead")
+    ap.add_argument("--device", default="cpu", help="where parameters, gradients and state live (cpu, cuda)")
     args = ap.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     if args.count_ops:
         count_table()
         return
     shapes = gpt2_block_shapes(args.blocks)
     gen = torch.Generator().manual_seed(0)
-    params0 = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
-    grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
+    params0 = [(torch.randn(s, generator=gen) * 0.02).to(device) for s in shapes]
+    grads = [(torch.randn(s, generator=gen) * 1e-3).to(device) for s in shapes]
     n = sum(p.numel() for p in params0)
-    print(f"{n / 1e6:.1f}M fp32 parameters in {len(shapes)} tensors, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"{n / 1e6:.1f}M fp32 parameters in {len(shapes)} tensors on {device} ({where}), torch {torch.__version__}")
 
     makers: dict[str, Callable] = {
         "LionSF eager": lambda ps: LionSF(ps, lr=1e-4, weight_decay=0.1),
@@ -155,18 +181,15 @@ def main() -> None:
             p.grad = g.clone()
         opt = make(ps)
         t0 = time.perf_counter()
-        opt.step()  # state creation, compilation (cold unless TORCHINDUCTOR_CACHE_DIR holds an earlier run's)
+        timed_step(opt, device)  # state creation, compilation (cold unless TORCHINDUCTOR_CACHE_DIR holds one)
         warm = time.perf_counter() - t0
-        before = rss_kib()
-        reset_peak()
-        opt.step()
-        extra[name] = (peak_rss_kib() - before) / 1024
+        extra[name] = step_peak_mib(opt, device)
         opts[name] = opt
         print(f"  {name}: first step {warm:.2f} s")
     for _ in range(args.rounds):
         for name, opt in opts.items():
             t0 = time.perf_counter()
-            opt.step()
+            timed_step(opt, device)
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     fused, seed, peer = med["AdamW fused"], med["seed LionSF loop"], med["AdamW foreach"]

@@ -252,3 +252,34 @@ def test_checkpoint_hot_restart_draws_the_same_bits(tmp_path):
     assert opt2.rounding_step == 3
     run(again, opt2, range(3, 6))
     assert torch.equal(again.weight, model.weight)
+
+
+def test_checkpoint_converts_exp_avg_dtype_with_one_warning(tmp_path):
+    """fp32 state loaded into a bf16-state optimizer (and back) is converted, with one warning naming it."""
+    import warnings
+
+    from lion_sf_dist import checkpoint
+
+    def trained(state_dtype):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        opt = LionSF(model.parameters(), lr=1e-2, state_dtype=state_dtype)
+        model(torch.randn(5, 4)).sum().backward()
+        opt.step()
+        return model, opt
+
+    model, opt = trained(None)
+    checkpoint.save(tmp_path / "fp32", model, opt)
+    model_bf, opt_bf = trained(torch.bfloat16)
+    with pytest.warns(UserWarning, match=r"exp_avg of 4 parameter\(s\) converted on load \(float32 -> bfloat16") as w:
+        checkpoint.load(tmp_path / "fp32", model_bf, opt_bf)
+    assert len([x for x in w if "converted on load" in str(x.message)]) == 1
+    for p, q in zip(model.parameters(), model_bf.parameters()):
+        assert opt_bf.state[q]["exp_avg"].dtype == torch.bfloat16
+        assert torch.equal(opt_bf.state[q]["exp_avg"], opt.state[p]["exp_avg"].to(torch.bfloat16))
+    checkpoint.save(tmp_path / "bf16", model_bf, opt_bf)
+    with pytest.warns(UserWarning, match=r"bfloat16 -> float32"):
+        checkpoint.load(tmp_path / "bf16", model, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same dtypes: no warning at all
+        checkpoint.load(tmp_path / "bf16", model_bf, opt_bf)

@@ -249,6 +249,7 @@ def _checked_snapshot(saved: dict[str, Any], model: nn.Module, optimizer: Option
         meta.check_optimizer(saved, snap, optimizer, where)
         assert isinstance(optimizer, LionSF)  # check_optimizer refuses other classes
         changes = meta.reconcile(saved, snap, optimizer, hparams, where)
+        meta.warn_state_dtypes(saved, snap, where)
         _prepare_ema(snap, saved, optimizer)
     return snap, changes
 

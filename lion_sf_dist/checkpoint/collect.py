@@ -52,6 +52,7 @@ class Snapshot:
     dtypes: dict[str, str] = field(default_factory=dict)
     optimizer_names: list[list[str]] = field(default_factory=list)
     unit_of: dict[str, int] = field(default_factory=dict)
+    state_dtypes: dict[str, str] = field(default_factory=dict)  # dtype of each trained parameter's exp_avg
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -129,7 +130,7 @@ def snapshot(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Sn
         snap.buffers[canonical(name)] = b.detach()
         _describe(snap, canonical(name), b.shape, b.dtype)
     if not isinstance(optimizer_of(model, optimizer), LionSF):
-        snap.exp_avg, snap.ema, snap.optimizer_names, snap.unit_of = {}, {}, [], {}
+        snap.exp_avg, snap.ema, snap.optimizer_names, snap.unit_of, snap.state_dtypes = {}, {}, [], {}, {}
     return snap
 
 
@@ -153,6 +154,7 @@ def _add_trained(snap: Snapshot, opt: LionSF, params: Mapping[str, Tensor]) -> N
     states: dict[str, list[tuple[int, Tensor]]] = {}
     for f in opt.fragments():
         n = name(f.param)
+        snap.state_dtypes.setdefault(n, str(f.exp_avg.dtype).removeprefix("torch."))
         if f.whole:
             snap.params[n], snap.exp_avg[n] = f.data, f.exp_avg.detach()
             _describe(snap, n, f.param.shape, f.param.dtype)
@@ -191,7 +193,7 @@ def copied(snap: Snapshot) -> Snapshot:
                     exp_avg={n: copy(v) for n, v in snap.exp_avg.items()},
                     ema={n: host(v) for n, v in snap.ema.items()}, shapes=dict(snap.shapes),
                     dtypes=dict(snap.dtypes), optimizer_names=[list(g) for g in snap.optimizer_names],
-                    unit_of=dict(snap.unit_of))
+                    unit_of=dict(snap.unit_of), state_dtypes=dict(snap.state_dtypes))
 
 
 def dcp_state(snap: Snapshot, *, optimizer_state: bool = True) -> dict[str, Any]:

@@ -51,6 +51,7 @@ def describe_optimizer(snap: Snapshot, optimizer: torch.optim.Optimizer) -> dict
         "groups": [{"params": names, **{k: _plain(g[k]) for k in GROUP_HYPERPARAMETERS}}
                    for names, g in zip(snap.optimizer_names, hyper["groups"])],
         "state": sorted(snap.exp_avg),
+        "state_dtypes": dict(sorted(snap.state_dtypes.items())),
         "agreement_ema_state": sorted(snap.ema),
         "rounding_step": optimizer.rounding_step,  # keys stochastic rounding: a hot restart draws the same bits
     }
@@ -111,6 +112,22 @@ def check_optimizer(meta: dict[str, Any], snap: Snapshot, optimizer: torch.optim
     lacking = [n for n in held if n not in set(saved["state"])]
     if lacking:
         raise OptimizerMismatchError(f"{where} has no exp_avg for parameter(s) the optimizer holds: {lacking}{fix}")
+
+
+def warn_state_dtypes(meta: dict[str, Any], snap: Snapshot, where: str) -> None:
+    """One warning when ``exp_avg`` is loaded into another dtype than it was saved in (it is converted).
+
+    Checkpoints written before dtypes were recorded are taken to hold the parameter's dtype.
+    """
+    saved = meta["optimizer"].get("state_dtypes", {})
+    changed = {n: (saved.get(n, meta["params"].get(n, {}).get("dtype")), dtype)
+               for n, dtype in snap.state_dtypes.items()
+               if saved.get(n, meta["params"].get(n, {}).get("dtype")) not in (None, dtype)}
+    if changed:
+        pairs = sorted({f"{a} -> {b}" for a, b in changed.values()})
+        warnings.warn(f"{where}: exp_avg of {len(changed)} parameter(s) converted on load ({', '.join(pairs)}; "
+                      f"e.g. {sorted(changed)[:3]}): the running optimizer's state_dtype differs from the saved one",
+                      stacklevel=4)
 
 
 def reconcile(meta: dict[str, Any], snap: Snapshot, optimizer: LionSF, policy: HparamPolicy,
