@@ -55,9 +55,13 @@ def persistent_buffers(module: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def sharded_tensor(shards: Sequence[tuple[Sequence[int], Sequence[int], Tensor]],
-                   all_boxes: Sequence[tuple[int, Sequence[int], Sequence[int]]], size: torch.Size,
-                   rank: int, dtype: torch.dtype) -> "ShardedTensor":
+def sharded_tensor(
+    shards: Sequence[tuple[Sequence[int], Sequence[int], Tensor]],
+    all_boxes: Sequence[tuple[int, Sequence[int], Sequence[int]]],
+    size: torch.Size,
+    rank: int,
+    dtype: torch.dtype,
+) -> "ShardedTensor":
     """A ``ShardedTensor`` of logical ``size`` whose local shards are ``(offsets, sizes, data)``.
 
     ``all_boxes`` lists ``(rank, offsets, sizes)`` of every rank's shards. DCP writes and
@@ -73,13 +77,22 @@ def sharded_tensor(shards: Sequence[tuple[Sequence[int], Sequence[int], Tensor]]
     first = shards[0][2] if shards else torch.empty(0, dtype=dtype)
     device = first.device
     pinned = first.is_pinned() if device.type == "cpu" else False  # ZeRO offload keeps pinned masters
-    local = [Shard(tensor=data, metadata=ShardMetadata(shard_offsets=list(offsets), shard_sizes=list(sizes),
-                                                       placement=f"rank:{rank}/{device}"))
-             for offsets, sizes, data in shards]
-    shards_md = [ShardMetadata(shard_offsets=list(offsets), shard_sizes=list(sizes), placement=f"rank:{r}/{device}")
-                 for r, offsets, sizes in all_boxes]
-    meta = ShardedTensorMetadata(shards_metadata=shards_md, size=size,
-                                 tensor_properties=TensorProperties(dtype=first.dtype, pin_memory=pinned))
+    local = [
+        Shard(
+            tensor=data,
+            metadata=ShardMetadata(
+                shard_offsets=list(offsets), shard_sizes=list(sizes), placement=f"rank:{rank}/{device}"
+            ),
+        )
+        for offsets, sizes, data in shards
+    ]
+    shards_md = [
+        ShardMetadata(shard_offsets=list(offsets), shard_sizes=list(sizes), placement=f"rank:{r}/{device}")
+        for r, offsets, sizes in all_boxes
+    ]
+    meta = ShardedTensorMetadata(
+        shards_metadata=shards_md, size=size, tensor_properties=TensorProperties(dtype=first.dtype, pin_memory=pinned)
+    )
     return ShardedTensor._init_from_local_shards_and_global_metadata(local, meta)
 
 
@@ -149,11 +162,20 @@ def dcp_metadata_pickle_names() -> dict[tuple[str, str], Any]:
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.serialization import _get_layout
 
-    public = ("Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
-              "StorageMeta", "_MEM_FORMAT_ENCODING")
-    return {**{("torch.distributed.checkpoint.metadata", n): getattr(metadata, n) for n in public},
-            ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
-            ("torch.serialization", "_get_layout"): _get_layout}
+    public = (
+        "Metadata",
+        "TensorStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    )
+    return {
+        **{("torch.distributed.checkpoint.metadata", n): getattr(metadata, n) for n in public},
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
+        ("torch.serialization", "_get_layout"): _get_layout,
+    }
 
 
 def names() -> dict[str, bool]:
@@ -164,8 +186,9 @@ def names() -> dict[str, bool]:
 
     module = nn.Linear(1, 1)
     return {
-        "ShardedTensor._init_from_local_shards_and_global_metadata":
-            hasattr(ShardedTensor, "_init_from_local_shards_and_global_metadata"),
+        "ShardedTensor._init_from_local_shards_and_global_metadata": hasattr(
+            ShardedTensor, "_init_from_local_shards_and_global_metadata"
+        ),
         "nn.Module._buffers": isinstance(getattr(module, "_buffers", None), dict),
         "nn.Module._non_persistent_buffers_set": isinstance(getattr(module, "_non_persistent_buffers_set", None), set),
         "torch._chunk_cat": hasattr(torch, "_chunk_cat"),

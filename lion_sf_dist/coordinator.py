@@ -57,8 +57,9 @@ class Coordinator:
         """Add ``member`` (done by ``LionSF(..., coordinator=self)``); members share one ``agreement``."""
         live = self._live()
         if live and live[0].agreement != member.agreement:
-            raise ValueError(f"a Coordinator's optimizers share one agreement; got {member.agreement!r} beside "
-                             f"{live[0].agreement!r}")
+            raise ValueError(
+                f"a Coordinator's optimizers share one agreement; got {member.agreement!r} beside {live[0].agreement!r}"
+            )
         self._members.append(weakref.ref(member))
         self._table = None
 
@@ -68,8 +69,10 @@ class Coordinator:
     def submit(self, member: Member, segments: list[Any]) -> None:
         """Record ``member``'s pieces of this step; once every member has, step them all (collective)."""
         if id(member) in self._pending:
-            raise RuntimeError("a LionSF of this Coordinator stepped twice before every member stepped once; "
-                               "step each member exactly once per training step")
+            raise RuntimeError(
+                "a LionSF of this Coordinator stepped twice before every member stepped once; "
+                "step each member exactly once per training step"
+            )
         self._pending[id(member)] = segments
         members = self._live()
         if len(self._pending) < len(members):

@@ -78,8 +78,10 @@ def initialize(
     entry = config.get("optimizer")
     if isinstance(entry, dict) and str(entry.get("type", "")).lower() == OPTIMIZER_TYPE.lower():
         if optimizer is not None:
-            raise ValueError("lion_sf_dist.deepspeed.initialize: the config names an optimizer (LionSF) and "
-                             "optimizer= was passed too; give one of them")
+            raise ValueError(
+                "lion_sf_dist.deepspeed.initialize: the config names an optimizer (LionSF) and "
+                "optimizer= was passed too; give one of them"
+            )
         del config["optimizer"]
         hyper = dict(entry.get("params", {}))
         if "betas" in hyper:

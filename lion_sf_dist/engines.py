@@ -23,7 +23,9 @@ def lionsf_of(engine: Any) -> LionSF:
     outer = engine.optimizer
     inner = client_optimizer(outer) if zero_stage_of(outer) else outer
     if not isinstance(inner, LionSF):
-        raise TypeError(f"the DeepSpeed engine steps {type(inner).__name__}, not LionSF (build it with "
-                        "lion_sf_dist.deepspeed.initialize, or pass a LionSF as optimizer=); bf16/fp16 without "
-                        "ZeRO wraps the optimizer in a way not supported: use ZeRO stage 1, 2 or 3")
+        raise TypeError(
+            f"the DeepSpeed engine steps {type(inner).__name__}, not LionSF (build it with "
+            "lion_sf_dist.deepspeed.initialize, or pass a LionSF as optimizer=); bf16/fp16 without "
+            "ZeRO wraps the optimizer in a way not supported: use ZeRO stage 1, 2 or 3"
+        )
     return inner

@@ -89,8 +89,14 @@ def count_agreement(m: Tensor, g: Tensor, beta1: float | tuple[Tensor, Tensor]) 
 
 
 def apply_update(
-    p: Tensor, m: Tensor, g: Tensor, step_size: Tensor, decay: Tensor, keep: Tensor,
-    beta1: float | tuple[Tensor, Tensor], beta2: float | tuple[Tensor, Tensor],
+    p: Tensor,
+    m: Tensor,
+    g: Tensor,
+    step_size: Tensor,
+    decay: Tensor,
+    keep: Tensor,
+    beta1: float | tuple[Tensor, Tensor],
+    beta2: float | tuple[Tensor, Tensor],
     draws: Optional[tuple[Optional[Callable[[Tensor], Tensor]], Optional[Callable[[Tensor], Tensor]]]] = None,
 ) -> None:
     """One LionSF step of one tensor, in place, computed in float32.
@@ -166,9 +172,11 @@ def _flat_chunks(size: int, *tensors: Tensor) -> list[tuple[int, tuple[Tensor, .
     """``(offset, pieces)``: matching flat pieces of at most ``size`` elements (whole tensors if not contiguous)."""
     if not all(t.is_contiguous() for t in tensors):
         if tensors[0].numel() > EXACT_FLOAT_COUNT:
-            raise ValueError(f"LionSF's eager kernel needs contiguous tensors above {EXACT_FLOAT_COUNT} elements "
-                             f"(got one of shape {tuple(tensors[0].shape)}); "
-                             "use use_triton=True or a contiguous layout")
+            raise ValueError(
+                f"LionSF's eager kernel needs contiguous tensors above {EXACT_FLOAT_COUNT} elements "
+                f"(got one of shape {tuple(tensors[0].shape)}); "
+                "use use_triton=True or a contiguous layout"
+            )
         return [(0, tensors)]
     flats = [t.view(-1) for t in tensors]
     return [(i, tuple(f[i : i + size] for f in flats)) for i in range(0, flats[0].numel(), size)]
@@ -177,8 +185,9 @@ def _flat_chunks(size: int, *tensors: Tensor) -> list[tuple[int, tuple[Tensor, .
 Draw = Callable[[Tensor], Tensor]
 
 
-def _draws(rounding: Optional[Rounding], seg: int, start: int,
-           shape: torch.Size) -> Optional[tuple[Optional[Draw], Optional[Draw]]]:
+def _draws(
+    rounding: Optional[Rounding], seg: int, start: int, shape: torch.Size
+) -> Optional[tuple[Optional[Draw], Optional[Draw]]]:
     """The stochastic-rounding functions for ``p`` and ``m`` of local elements ``start..`` of segment ``seg``."""
     if rounding is None:
         return None
@@ -200,12 +209,21 @@ def _chunked_count(ms: Sequence[Tensor], gs: Sequence[Tensor], beta1s: Sequence[
     return torch.stack(rows)
 
 
-def _chunked_apply(ps: Sequence[Tensor], ms: Sequence[Tensor], gs: Sequence[Tensor], step_size: Tensor, decay: Tensor,
-                   keep: Tensor, beta1s: Sequence[float], beta2s: Sequence[float], rounding: Optional[Rounding],
-                   only: Optional[Sequence[int]] = None) -> None:
+def _chunked_apply(
+    ps: Sequence[Tensor],
+    ms: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    step_size: Tensor,
+    decay: Tensor,
+    keep: Tensor,
+    beta1s: Sequence[float],
+    beta2s: Sequence[float],
+    rounding: Optional[Rounding],
+    only: Optional[Sequence[int]] = None,
+) -> None:
     """:func:`apply_update` chunk by chunk on segments ``only`` (default: all)."""
     a_all, d_all, k_all = step_size.unbind(), decay.unbind(), keep.unbind()
-    for i in (range(len(ps)) if only is None else only):
+    for i in range(len(ps)) if only is None else only:
         for start, (pc, mc, gc) in _flat_chunks(CHUNK, ps[i], ms[i], gs[i]):
             args = (pc, mc, gc, a_all[i], d_all[i], k_all[i], beta1s[i], beta2s[i])
             if rounding is None:
@@ -320,8 +338,9 @@ class _ForeachKernel:
 
     def count(self, ms: Sequence[Tensor], gs: Sequence[Tensor], beta1s: Sequence[float]) -> Tensor:
         parts, order = [], []
-        for (b1, m_low, g_low), idx in _groups([(b1, m.dtype != F32, g.dtype != F32)
-                                                 for m, g, b1 in zip(ms, gs, beta1s)]).items():
+        for (b1, m_low, g_low), idx in _groups(
+            [(b1, m.dtype != F32, g.dtype != F32) for m, g, b1 in zip(ms, gs, beta1s)]
+        ).items():
             m_, g_ = _pick(ms, idx), _pick(gs, idx)
             device = m_[0].device
             if m_low:
@@ -341,15 +360,25 @@ class _ForeachKernel:
         poisoned = counts.isnan()
         return torch.stack((counts.nan_to_num(0.0).to(torch.int64), poisoned.to(torch.int64)), dim=1)
 
-    def apply(self, ps: Sequence[Tensor], ms: Sequence[Tensor], gs: Sequence[Tensor], step_size: Tensor,
-              decay: Tensor, keep: Tensor, beta1s: Sequence[float], beta2s: Sequence[float],
-              rounding: Optional[Rounding]) -> None:
+    def apply(
+        self,
+        ps: Sequence[Tensor],
+        ms: Sequence[Tensor],
+        gs: Sequence[Tensor],
+        step_size: Tensor,
+        decay: Tensor,
+        keep: Tensor,
+        beta1s: Sequence[float],
+        beta2s: Sequence[float],
+        rounding: Optional[Rounding],
+    ) -> None:
         n = len(ps)
         device = ps[0].device
         dense = [i for i in range(n) if ps[i].is_contiguous() and ms[i].is_contiguous() and gs[i].is_contiguous()]
         if len(dense) < n:
-            _chunked_apply(ps, ms, gs, step_size, decay, keep, beta1s, beta2s, rounding,
-                           only=sorted(set(range(n)) - set(dense)))
+            _chunked_apply(
+                ps, ms, gs, step_size, decay, keep, beta1s, beta2s, rounding, only=sorted(set(range(n)) - set(dense))
+            )
         if not dense:
             return
         self.views.forget_unused([*ps, *ms])
@@ -395,8 +424,9 @@ class _ForeachKernel:
                 self._store(m_, m32, rounding, at, 1)
 
     @staticmethod
-    def _store(dst: Sequence[Tensor], values: Sequence[Tensor], rounding: Optional[Rounding], at: Sequence[int],
-               stream: int) -> None:
+    def _store(
+        dst: Sequence[Tensor], values: Sequence[Tensor], rounding: Optional[Rounding], at: Sequence[int], stream: int
+    ) -> None:
         """Round float32 ``values`` into ``dst``: one ``_foreach_copy_`` to nearest, or per tensor stochastically."""
         if rounding is None or dst[0].dtype != torch.bfloat16:
             torch._foreach_copy_(list(dst), list(values))
@@ -404,8 +434,9 @@ class _ForeachKernel:
         for d, v, seg in zip(dst, values, at):
             for start in range(0, d.numel(), CHUNK):
                 piece = v[start : start + CHUNK]
-                d[start : start + CHUNK].copy_(stochastic_bf16(piece, rounding.bits(seg, stream, start, piece.shape,
-                                                                                     piece.device)))
+                d[start : start + CHUNK].copy_(
+                    stochastic_bf16(piece, rounding.bits(seg, stream, start, piece.shape, piece.device))
+                )
 
 
 def _gather_f32(gs: Sequence[Tensor], device: torch.device) -> tuple[Tensor, list[Tensor]]:
@@ -448,6 +479,8 @@ DEFAULT_COMPILE_BATCH = 8
 def compile_batch(device: torch.device) -> int:
     """Tensors per compiled call on ``device``."""
     return COMPILE_BATCH.get(device.type, DEFAULT_COMPILE_BATCH)
+
+
 # Distinct compiled graphs per function and process (dtype patterns, with/without rounding).
 # Dynamo keeps at most ``recompile_limit`` (8 in torch 2.13) and with ``fullgraph=True``
 # raises past it; staying below leaves room for graphs dynamo splits on guards we do not predict.
@@ -467,12 +500,23 @@ def _compiled_count(ms: list[Tensor], gs: list[Tensor], coefs: Tensor, take: Ten
     graph costs nothing, outside it an op per call.)
     """
     coefs = coefs[take]
-    return torch.stack([count_agreement(_flat(m), _flat(g), (coefs[i, 0], coefs[i, 1]))
-                        for i, (m, g) in enumerate(zip(ms, gs))])
+    return torch.stack(
+        [count_agreement(_flat(m), _flat(g), (coefs[i, 0], coefs[i, 1])) for i, (m, g) in enumerate(zip(ms, gs))]
+    )
 
 
-def _compiled_apply(ps: list[Tensor], ms: list[Tensor], gs: list[Tensor], step_size: Tensor, decay: Tensor,
-                    keep: Tensor, coefs: Tensor, keys: Optional[Tensor], where: Optional[Tensor], take: Tensor) -> None:
+def _compiled_apply(
+    ps: list[Tensor],
+    ms: list[Tensor],
+    gs: list[Tensor],
+    step_size: Tensor,
+    decay: Tensor,
+    keep: Tensor,
+    coefs: Tensor,
+    keys: Optional[Tensor],
+    where: Optional[Tensor],
+    take: Tensor,
+) -> None:
     """:func:`apply_update` of every tensor; with ``keys`` (``[K, 2]``) stochastic rounding. All tables
     come whole, with the batch's rows ``take``.
 
@@ -491,8 +535,17 @@ def _compiled_apply(ps: list[Tensor], ms: list[Tensor], gs: list[Tensor], step_s
             base, outer, inner, size = where[i].unbind()
             positions = (base + (j // size) * outer + (j % size) * inner).view(pf.shape)
             draws = (_bits_draw(keys[i, 0], positions), _bits_draw(keys[i, 1], positions))
-        apply_update(pf, mf, gf, step_size[i], decay[i], keep[i], (coefs[i, 0], coefs[i, 1]),
-                     (coefs[i, 2], coefs[i, 3]), draws=draws)
+        apply_update(
+            pf,
+            mf,
+            gf,
+            step_size[i],
+            decay[i],
+            keep[i],
+            (coefs[i, 0], coefs[i, 1]),
+            (coefs[i, 2], coefs[i, 3]),
+            draws=draws,
+        )
 
 
 def _bits_draw(key: Tensor, positions: Tensor) -> Callable[[Tensor], Tensor]:
@@ -549,16 +602,22 @@ class _Batches:
         self.take = [to_device(torch.tensor(part, dtype=torch.int64), device) for _, part in self.batches]
         self.inverse = to_device(torch.tensor(inverse, dtype=torch.int64), device)
         # distinct dummies per slot: dynamo guards on aliasing, repeated tensors would be a graph of their own
-        self.dummies = {kind: [[torch.zeros((numel,) if dense else (numel,) * dim, dtype=dtype, device=device)
-                                for _ in range(size)] for dtype, dense, numel, dim in kind]
-                        for kind, _ in self.batches}
+        self.dummies = {
+            kind: [
+                [torch.zeros((numel,) if dense else (numel,) * dim, dtype=dtype, device=device) for _ in range(size)]
+                for dtype, dense, numel, dim in kind
+            ]
+            for kind, _ in self.batches
+        }
 
     def lists(self, b: int, *tensor_lists: Sequence[Tensor]) -> list[list[Tensor]]:
         """The ``b``-th batch of each (already flat and detached) list, padded with the batch's dummies."""
         kind, part = self.batches[b]
         dummies = self.dummies[kind]
-        return [[ts[i] if i < len(ts) else dummies[k][slot] for slot, i in enumerate(part)]
-                for k, ts in enumerate(tensor_lists)]
+        return [
+            [ts[i] if i < len(ts) else dummies[k][slot] for slot, i in enumerate(part)]
+            for k, ts in enumerate(tensor_lists)
+        ]
 
 
 def _batch_kind(t: Tensor) -> tuple:
@@ -613,9 +672,18 @@ class Kernel:
             rows = multi.count(ms, gs, beta1s) if multi is not None else _chunked_count(ms, gs, beta1s)
         return torch.stack((rows[:, 0] * (rows[:, 1] == 0), rows[:, 1]), dim=1)
 
-    def apply(self, ps: Sequence[Tensor], ms: Sequence[Tensor], gs: Sequence[Tensor], step_size: Tensor,
-              decay: Tensor, keep: Tensor, beta1s: Sequence[float], beta2s: Sequence[float],
-              rounding: Optional[Rounding] = None) -> None:
+    def apply(
+        self,
+        ps: Sequence[Tensor],
+        ms: Sequence[Tensor],
+        gs: Sequence[Tensor],
+        step_size: Tensor,
+        decay: Tensor,
+        keep: Tensor,
+        beta1s: Sequence[float],
+        beta2s: Sequence[float],
+        rounding: Optional[Rounding] = None,
+    ) -> None:
         """:func:`apply_update` on each ``(p, m, g)`` with the ``i``-th entry of ``step_size``, ``decay``, ``keep``.
 
         ``rounding``: stochastic rounding of bfloat16 ``p`` and ``exp_avg`` (else to nearest).
@@ -647,9 +715,18 @@ class Kernel:
                 parts.append(rows)
         return torch.cat(parts)[plan.inverse]
 
-    def _apply_compiled(self, ps: Sequence[Tensor], ms: Sequence[Tensor], gs: Sequence[Tensor], step_size: Tensor,
-                        decay: Tensor, keep: Tensor, beta1s: Sequence[float], beta2s: Sequence[float],
-                        rounding: Optional[Rounding]) -> bool:
+    def _apply_compiled(
+        self,
+        ps: Sequence[Tensor],
+        ms: Sequence[Tensor],
+        gs: Sequence[Tensor],
+        step_size: Tensor,
+        decay: Tensor,
+        keep: Tensor,
+        beta1s: Sequence[float],
+        beta2s: Sequence[float],
+        rounding: Optional[Rounding],
+    ) -> bool:
         """Run the compiled apply; ``False`` (nothing done) when a batch cannot be compiled."""
         device = ps[0].device
         plan = self._plan((ps, ms, gs), device)
@@ -690,8 +767,9 @@ class Kernel:
             self._where = (key, where)
         return self._where[1]
 
-    def _coef_tensor(self, beta1s: Sequence[float], beta2s: Sequence[float], device: torch.device,
-                     padded: bool = False) -> Tensor:
+    def _coef_tensor(
+        self, beta1s: Sequence[float], beta2s: Sequence[float], device: torch.device, padded: bool = False
+    ) -> Tensor:
         """``[S, 4]`` float32 ``(b1, 1 - b1, b2, 1 - b2)`` on ``device`` (``padded``: and a zero row for dummies),
         rebuilt only when the betas change."""
         key = (tuple(beta1s), tuple(beta2s), device, padded)
@@ -701,8 +779,9 @@ class Kernel:
             self._coefs = (key, to_device(host, device))
         return self._coefs[1]
 
-    def _compiled_fn(self, kind: str, fn: Callable, layout: tuple, rounding: bool,
-                     device: torch.device) -> Optional[Callable]:
+    def _compiled_fn(
+        self, kind: str, fn: Callable, layout: tuple, rounding: bool, device: torch.device
+    ) -> Optional[Callable]:
         """The compiled ``fn``, or ``None`` (eager) for a new variant once the variant budget is spent."""
         variant = (device.type, layout, rounding)
         seen = _variants[kind]
@@ -722,7 +801,10 @@ class Kernel:
             warnings.warn(
                 f"LionSF(use_triton=True): more than {MAX_COMPILED_VARIANTS} kinds of tensor batches (dtypes, layouts, "
                 "rounding) were compiled in this process; new kinds now run on the eager path, with the same maths, "
-                "instead of compiling again", RuntimeWarning, stacklevel=4)
+                "instead of compiling again",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
 
 def _guarded(compiled: Callable, kernel: Kernel) -> Callable[..., tuple[bool, object]]:

@@ -282,15 +282,18 @@ class LionSF(Optimizer):
         """Replace the per-unit agreement averages (``None``: start them afresh)."""
         if values is not None and tuple(values.shape) != (self.units.count,):
             raise ValueError(
-                f"agreement averages for {self.units.count} units expected, got shape {tuple(values.shape)}")
+                f"agreement averages for {self.units.count} units expected, got shape {tuple(values.shape)}"
+            )
         fragments = self.fragments()
         device = fragments[0].exp_avg.device if fragments else torch.device("cpu")
         self._average.load(values, self.state, device)
 
     def hyperparameters(self) -> dict[str, Any]:
         """The values a checkpoint records: :data:`HYPERPARAMETERS` and each group's lr, betas, weight decay."""
-        return {**{k: getattr(self, k) for k in HYPERPARAMETERS},
-                "groups": [{k: group[k] for k in GROUP_HYPERPARAMETERS} for group in self._groups]}
+        return {
+            **{k: getattr(self, k) for k in HYPERPARAMETERS},
+            "groups": [{k: group[k] for k in GROUP_HYPERPARAMETERS} for group in self._groups],
+        }
 
     def set_hyperparameters(self, values: dict[str, Any]) -> None:
         """Set copyable optimizer values and per-group ones (``groups``: ``{index: {key: value}}``), checked first."""
@@ -348,8 +351,9 @@ class LionSF(Optimizer):
         counted = [s for s in segments if s.counted and s.p.numel() > 0]
         slotted = torch.zeros(len(plan.process_groups), self.units.count, 3, dtype=torch.int64, device=plan.device)
         if counted:
-            rows = self._kernel.count([s.m for s in counted], [s.g for s in counted],
-                                      tuple(s.param_group["betas"][0] for s in counted))
+            rows = self._kernel.count(
+                [s.m for s in counted], [s.g for s in counted], tuple(s.param_group["betas"][0] for s in counted)
+            )
             rows = torch.cat((rows[:, :1], plan.numel, rows[:, 1:]), dim=1)
             slotted.view(-1, 3).index_add_(0, plan.row_index, rows)
         return slotted, plan.process_groups
@@ -363,8 +367,9 @@ class LionSF(Optimizer):
         if segments:
             if self.agreement_ema:
                 ema = self._average.vector(self.state, self.units.count, totals.device)
-                agreement, scale, keep = scales_from_counts(totals, self.pow, self.negative, ema,
-                                                            self._ema_betas(totals.device))
+                agreement, scale, keep = scales_from_counts(
+                    totals, self.pow, self.negative, ema, self._ema_betas(totals.device)
+                )
             else:
                 agreement, scale, keep = scales_from_counts(totals, self.pow, self.negative)
             self.last_agreement, self.last_scale = agreement, scale
@@ -382,20 +387,30 @@ class LionSF(Optimizer):
         keep_seg = keep[unit]
         step_size = table[:, 0].float() * scale[unit]
         decay = torch.where(keep_seg, table[:, 1].float(), 1.0)
-        self._kernel.apply([s.p for s in live], [s.m for s in live], [s.g for s in live], step_size, decay, keep_seg,
-                           tuple(s.param_group["betas"][0] for s in live),
-                           tuple(s.param_group["betas"][1] for s in live),
-                           rounding=self._rounding_for(live) if self.stochastic_rounding else None)
+        self._kernel.apply(
+            [s.p for s in live],
+            [s.m for s in live],
+            [s.g for s in live],
+            step_size,
+            decay,
+            keep_seg,
+            tuple(s.param_group["betas"][0] for s in live),
+            tuple(s.param_group["betas"][1] for s in live),
+            rounding=self._rounding_for(live) if self.stochastic_rounding else None,
+        )
 
     def _rounding_for(self, live: list[Segment]) -> Rounding:
         """This step's stochastic-rounding description of ``live`` (kept while the segments stay the same)."""
         key = tuple((s.param_id, s.index) for s in live)
         if self._rounding is None or self._rounding[0] != key:
             if any(s.index is None or s.param_id < 0 for s in live):
-                raise ValueError("stochastic_rounding needs each element's place in its logical parameter; this "
-                                 "layout does not give it (DTensor placements other than Shard/Replicate?)")
-            rounding = Rounding(self.rounding_seed, 0, [s.param_id for s in live],
-                                [s.index for s in live if s.index is not None])
+                raise ValueError(
+                    "stochastic_rounding needs each element's place in its logical parameter; this "
+                    "layout does not give it (DTensor placements other than Shard/Replicate?)"
+                )
+            rounding = Rounding(
+                self.rounding_seed, 0, [s.param_id for s in live], [s.index for s in live if s.index is not None]
+            )
             rounding.device = live[0].p.device
             self._rounding = (key, rounding)
         rounding = self._rounding[1]
@@ -437,8 +452,10 @@ class LionSF(Optimizer):
             plan = _Plan(
                 device=device,
                 process_groups=list(groups.values()),
-                row_index=to_device(torch.tensor([slot[id(s.process_group)] * n_units + s.unit for s in counted],
-                                                  dtype=torch.int64), device),
+                row_index=to_device(
+                    torch.tensor([slot[id(s.process_group)] * n_units + s.unit for s in counted], dtype=torch.int64),
+                    device,
+                ),
                 numel=to_device(torch.tensor([s.p.numel() for s in counted], dtype=torch.int64).view(-1, 1), device),
             )
             self._plans = {key: plan}
@@ -454,8 +471,12 @@ def _check_loadable(state_dict: dict[str, Any], params: list[Tensor]) -> None:
         if entry is None:
             continue
         if "exp_avg" not in entry or not set(entry) <= set(STATE_KEYS):
-            raise ValueError(f"load_state_dict: the state of parameter {i} holds {sorted(entry)}, a LionSF state "
-                             f"holds {list(STATE_KEYS)}: another optimizer's state?")
+            raise ValueError(
+                f"load_state_dict: the state of parameter {i} holds {sorted(entry)}, a LionSF state "
+                f"holds {list(STATE_KEYS)}: another optimizer's state?"
+            )
         if tuple(entry["exp_avg"].shape) != tuple(p.shape):
-            raise ValueError(f"load_state_dict: exp_avg of parameter {i} has shape {tuple(entry['exp_avg'].shape)}, "
-                             f"the parameter {tuple(p.shape)}: a state of another model?")
+            raise ValueError(
+                f"load_state_dict: exp_avg of parameter {i} has shape {tuple(entry['exp_avg'].shape)}, "
+                f"the parameter {tuple(p.shape)}: a state of another model?"
+            )

@@ -40,8 +40,11 @@ def check_group_values(group: dict[str, Any]) -> None:
         raise ValueError("lr must be a Python number (a tensor lr is not supported), got a tensor")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0.0):
         raise ValueError(f"lr must be > 0 and finite, got {lr!r}")
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-            and all(isinstance(b, (int, float)) and 0.0 <= b <= 1.0 for b in betas)):
+    if not (
+        isinstance(betas, (tuple, list))
+        and len(betas) == 2
+        and all(isinstance(b, (int, float)) and 0.0 <= b <= 1.0 for b in betas)
+    ):
         raise ValueError(f"betas must be two numbers in [0, 1], got {betas!r}")
     if not (isinstance(wd, (int, float)) and math.isfinite(wd) and wd >= 0.0):
         raise ValueError(f"weight_decay must be >= 0 and finite, got {wd!r}")

@@ -59,4 +59,5 @@ def reduction_device(group: dist.ProcessGroup, device: torch.device) -> torch.de
         f"LionSF: the agreement counts live on {device.type} (where the optimizer steps, e.g. under CPU offload), "
         f"but the process group's backend ({dist.get_backend_config(group)}) has no {device.type} device"
         + (" and this process sees no CUDA device to reduce on" if "cuda" in types else "")
-        + f"; use a process group with a backend for {device.type} (e.g. 'cpu:gloo,cuda:nccl')")
+        + f"; use a process group with a backend for {device.type} (e.g. 'cpu:gloo,cuda:nccl')"
+    )

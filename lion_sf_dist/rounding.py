@@ -144,8 +144,10 @@ class Rounding:
     def base_keys(self) -> Tensor:
         """``[S, 2]`` int64 on the step's device: a key per segment and stream (0: ``p``, 1: ``exp_avg``)."""
         if self._base_keys is None:
-            host = [[mix64_int(mix64_int(self.seed * 4 + stream) ^ (tid * _GOLDEN)) for stream in (0, 1)]
-                    for tid in self.ids]
+            host = [
+                [mix64_int(mix64_int(self.seed * 4 + stream) ^ (tid * _GOLDEN)) for stream in (0, 1)]
+                for tid in self.ids
+            ]
             cpu = torch.tensor(host, dtype=torch.int64).view(len(self.ids), 2)
             self._base_keys = to_device(cpu, self._device())
         return self._base_keys

@@ -148,7 +148,7 @@ def test_hyper_parameters_running_wins_by_default(saved: tuple[Path, dict]) -> N
                                          r"group 0 lr: checkpoint 0.01, running 0.005"):
         checkpoint.load(root, model, opt)
     assert opt.param_groups[0]["lr"] == 5e-3 and opt.pow == 1.0
-    with pytest.warns(UserWarning, match="checkpoint's values were applied"):
+    with pytest.warns(UserWarning, match="checkpoint's values apply once the load succeeds"):
         checkpoint.load(root, model, opt, hparams="checkpoint")
     assert opt.param_groups[0]["lr"] == 1e-2 and opt.pow == 0.5
     opt.param_groups[1]["betas"] = (0.8, 0.9)

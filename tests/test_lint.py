@@ -18,6 +18,11 @@ def test_ruff_lint() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_ruff_format() -> None:
+    proc = _run("ruff", "format", "--check", "lion_sf_dist")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_mypy() -> None:
     proc = _run("mypy")
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -47,7 +47,17 @@ from lion_sf_dist.checkpoint.errors import (
 from lion_sf_dist.checkpoint.pending import PendingSave
 
 __all__ = [
-    "save", "save_async", "load", "latest", "verify", "PendingSave",
-    "CheckpointError", "CheckpointNotFoundError", "CheckpointCorruptError", "UnsafeCheckpointError",
-    "CheckpointLockError", "ModelMismatchError", "OptimizerMismatchError",
+    "save",
+    "save_async",
+    "load",
+    "latest",
+    "verify",
+    "PendingSave",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CheckpointCorruptError",
+    "UnsafeCheckpointError",
+    "CheckpointLockError",
+    "ModelMismatchError",
+    "OptimizerMismatchError",
 ]

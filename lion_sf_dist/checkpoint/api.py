@@ -28,8 +28,14 @@ from lion_sf_dist.optimizer import LionSF
 PathLike = Union[str, Path]
 
 
-def save(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-         extra: Any = None, *, keep: Optional[int] = 3) -> Path:
+def save(
+    path: PathLike,
+    model: nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    extra: Any = None,
+    *,
+    keep: Optional[int] = 3,
+) -> Path:
     """Write a checkpoint of ``model`` and ``optimizer`` under the directory ``path``; collective.
 
     Every rank of the job calls it with its own (sharded or replicated) model and optimizer;
@@ -74,8 +80,14 @@ class Prepared:
     keep: Optional[int]
 
 
-def prepare(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], extra: Any,
-            keep: Optional[int], copy: bool = False) -> Prepared:
+def prepare(
+    path: PathLike,
+    model: nn.Module,
+    optimizer: Optional[torch.optim.Optimizer],
+    extra: Any,
+    keep: Optional[int],
+    copy: bool = False,
+) -> Prepared:
     """Describe the checkpoint, pick its directory (rank 0) and collect what DCP writes; collective.
 
     ``copy``: clone every local tensor, so that training may change the live ones meanwhile.
@@ -109,8 +121,10 @@ def _same_model_everywhere(description: dict[str, Any]) -> None:
     if differ:
         first = models[differ[0]]
         names = sorted(n for n in first.keys() | models[0].keys() if first.get(n) != models[0].get(n))
-        raise ModelMismatchError(f"ranks {differ} hold a model with other parameters or buffers than rank 0 "
-                                 f"(rank {differ[0]} differs in {names}): every rank must save the same model")
+        raise ModelMismatchError(
+            f"ranks {differ} hold a model with other parameters or buffers than rank 0 "
+            f"(rank {differ[0]} differs in {names}): every rank must save the same model"
+        )
 
 
 def write(job: Prepared, group: Optional[dist.ProcessGroup] = None) -> Path:
@@ -127,7 +141,8 @@ def write(job: Prepared, group: Optional[dist.ProcessGroup] = None) -> Path:
                 dcp.save(job.state, storage_writer=writer, process_group=group, no_dist=not comm.distributed())
         except CheckpointException as e:  # a BaseException in DCP: turned into an ordinary error, on every rank
             raise CheckpointError(
-                f"writing checkpoint {str(job.final)!r} failed (the previous one is untouched): {e}") from e
+                f"writing checkpoint {str(job.final)!r} failed (the previous one is untouched): {e}"
+            ) from e
         written = comm.all_gather(writer.written, group)  # every rank's files and checksums, for the manifest
         return comm.on_rank0(lambda: _seal(job, written), group)
     finally:
@@ -143,8 +158,14 @@ def _seal(job: Prepared, written: list[dict[str, str]]) -> Path:
     return store.commit(job.tmp, job.final, job.keep, sums)
 
 
-def save_async(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-               extra: Any = None, *, keep: Optional[int] = 3) -> pending.PendingSave:
+def save_async(
+    path: PathLike,
+    model: nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    extra: Any = None,
+    *,
+    keep: Optional[int] = 3,
+) -> pending.PendingSave:
     """:func:`save` that returns once the state is copied; collective.
 
     Training may go on at once (the copy is written); call ``.wait()`` on the result (or any
@@ -175,8 +196,15 @@ def verify(path: PathLike) -> Path:
     return ckpt
 
 
-def load(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
-         optimizer_state: bool = True, hparams: HparamPolicy = "running", weights_only: bool = True) -> Any:
+def load(
+    path: PathLike,
+    model: nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    *,
+    optimizer_state: bool = True,
+    hparams: HparamPolicy = "running",
+    weights_only: bool = True,
+) -> Any:
     """Restore ``model`` (and ``optimizer``) in place from a checkpoint; collective; returns ``extra``.
 
     ``path`` is a root directory given to :func:`save` (its newest complete checkpoint is
@@ -237,8 +265,14 @@ def load(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optim
     return extra
 
 
-def _checked_snapshot(saved: dict[str, Any], model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                      hot: bool, hparams: HparamPolicy, where: str) -> tuple[Snapshot, dict[str, Any]]:
+def _checked_snapshot(
+    saved: dict[str, Any],
+    model: nn.Module,
+    optimizer: Optional[torch.optim.Optimizer],
+    hot: bool,
+    hparams: HparamPolicy,
+    where: str,
+) -> tuple[Snapshot, dict[str, Any]]:
     """The running tensors, checked against the checkpoint's description, and the hyper-parameters
     ``hparams="checkpoint"`` will copy (in :func:`_apply`, after the read); changes nothing."""
     snap = snapshot(model, optimizer)
@@ -276,8 +310,9 @@ def _read(state: dict[str, Any], reader: SafeReader, where: str) -> None:
         raise CheckpointCorruptError(f"{where}: reading the tensors failed: {e}") from e
 
 
-def _apply(snap: Snapshot, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], hot: bool,
-           changes: dict[str, Any]) -> None:
+def _apply(
+    snap: Snapshot, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], hot: bool, changes: dict[str, Any]
+) -> None:
     """After a successful read: the agreement averages and saved hyper-parameters, or fresh state; ZeRO's bit16."""
     if isinstance(optimizer, LionSF):
         if hot:
@@ -315,8 +350,10 @@ def _unpickle(data: bytes, weights_only: bool, where: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), weights_only=weights_only)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{where}: extra holds objects that weights_only=True refuses ({e}); "
-                              "pass weights_only=False to load(), for a checkpoint you trust") from e
+        raise CheckpointError(
+            f"{where}: extra holds objects that weights_only=True refuses ({e}); "
+            "pass weights_only=False to load(), for a checkpoint you trust"
+        ) from e
     except (RuntimeError, EOFError, ValueError) as e:
         raise CheckpointCorruptError(f"{where}: unreadable {store.EXTRA} ({type(e).__name__}: {e})") from e
 

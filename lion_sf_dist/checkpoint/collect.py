@@ -123,7 +123,8 @@ def snapshot(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Sn
         if partitioned_by_zero3(p):
             raise NotImplementedError(
                 f"checkpoint: parameter {name!r} is partitioned by ZeRO-3 but not trained by the LionSF "
-                "(frozen); checkpoints of frozen ZeRO-3 parameters are not supported")
+                "(frozen); checkpoints of frozen ZeRO-3 parameters are not supported"
+            )
         snap.params[name] = p.detach()
         _describe(snap, name, p.shape, p.dtype)
     for name, b in persistent_buffers(inner).items():
@@ -147,7 +148,8 @@ def _add_trained(snap: Snapshot, opt: LionSF, params: Mapping[str, Tensor]) -> N
         if id(p) not in name_of:
             raise CheckpointError(
                 f"the optimizer holds a tensor of shape {tuple(p.shape)} that is not a parameter of the model "
-                "(build the optimizer from this model's parameters, after wrapping it)")
+                "(build the optimizer from this model's parameters, after wrapping it)"
+            )
         return name_of[id(p)]
 
     pieces: dict[str, list[tuple[int, Tensor]]] = {}
@@ -188,12 +190,18 @@ def copied(snap: Snapshot) -> Snapshot:
             return Fragments(v.shape, [(start, host(flat)) for start, flat in v.pieces])
         return host(v)
 
-    return Snapshot(kind=snap.kind, params={n: copy(v) for n, v in snap.params.items()},
-                    buffers={n: copy(v) for n, v in snap.buffers.items()},
-                    exp_avg={n: copy(v) for n, v in snap.exp_avg.items()},
-                    ema={n: host(v) for n, v in snap.ema.items()}, shapes=dict(snap.shapes),
-                    dtypes=dict(snap.dtypes), optimizer_names=[list(g) for g in snap.optimizer_names],
-                    unit_of=dict(snap.unit_of), state_dtypes=dict(snap.state_dtypes))
+    return Snapshot(
+        kind=snap.kind,
+        params={n: copy(v) for n, v in snap.params.items()},
+        buffers={n: copy(v) for n, v in snap.buffers.items()},
+        exp_avg={n: copy(v) for n, v in snap.exp_avg.items()},
+        ema={n: host(v) for n, v in snap.ema.items()},
+        shapes=dict(snap.shapes),
+        dtypes=dict(snap.dtypes),
+        optimizer_names=[list(g) for g in snap.optimizer_names],
+        unit_of=dict(snap.unit_of),
+        state_dtypes=dict(snap.state_dtypes),
+    )
 
 
 def dcp_state(snap: Snapshot, *, optimizer_state: bool = True) -> dict[str, Any]:

@@ -62,13 +62,12 @@ def fragment_boxes(frag: Fragments) -> list[tuple[Box, Tensor]]:
         pos = 0
         for offsets, sizes in flat_range_boxes(frag.shape, start, start + flat.numel()):
             n = math.prod(sizes)
-            out.append(((offsets, sizes), flat[pos:pos + n].view(sizes)))
+            out.append(((offsets, sizes), flat[pos : pos + n].view(sizes)))
             pos += n
     return out
 
 
-def sharded_tensor(frag: Fragments, boxes_by_rank: Sequence[Sequence[Box]], rank: int,
-                   dtype: torch.dtype) -> Tensor:
+def sharded_tensor(frag: Fragments, boxes_by_rank: Sequence[Sequence[Box]], rank: int, dtype: torch.dtype) -> Tensor:
     """A DCP-writable (and -loadable) ShardedTensor whose local shards are views of ``frag``.
 
     ``boxes_by_rank[r]`` lists rank ``r``'s boxes of this tensor (every rank's, gathered),

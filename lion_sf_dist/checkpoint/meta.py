@@ -42,14 +42,18 @@ def _plain(v: Any) -> Any:
 def describe_optimizer(snap: Snapshot, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Class, LionSF hyper-parameters and param groups (by name) of ``optimizer``."""
     if not isinstance(optimizer, LionSF):
-        raise TypeError(f"checkpoint: saves the state of a LionSF, not {type(optimizer).__name__}; "
-                        "pass optimizer=None to save the model only")
+        raise TypeError(
+            f"checkpoint: saves the state of a LionSF, not {type(optimizer).__name__}; "
+            "pass optimizer=None to save the model only"
+        )
     hyper = optimizer.hyperparameters()
     return {
         "class": type(optimizer).__name__,
         **{k: _plain(hyper[k]) for k in HYPERPARAMETERS},
-        "groups": [{"params": names, **{k: _plain(g[k]) for k in GROUP_HYPERPARAMETERS}}
-                   for names, g in zip(snap.optimizer_names, hyper["groups"])],
+        "groups": [
+            {"params": names, **{k: _plain(g[k]) for k in GROUP_HYPERPARAMETERS}}
+            for names, g in zip(snap.optimizer_names, hyper["groups"])
+        ],
         "state": sorted(snap.exp_avg),
         "state_dtypes": dict(sorted(snap.state_dtypes.items())),
         "agreement_ema_state": sorted(snap.ema),
@@ -57,8 +61,13 @@ def describe_optimizer(snap: Snapshot, optimizer: torch.optim.Optimizer) -> dict
     }
 
 
-def describe(snap: Snapshot, optimizer: Optional[torch.optim.Optimizer], world_size: int,
-             extra: bool, user: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def describe(
+    snap: Snapshot,
+    optimizer: Optional[torch.optim.Optimizer],
+    world_size: int,
+    extra: bool,
+    user: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
     """The ``meta.json`` of a checkpoint of ``snap``."""
     return {
         "format": FORMAT,
@@ -93,8 +102,10 @@ def check_model(meta: dict[str, Any], snap: Snapshot, where: str) -> None:
             problems.append(f"checkpoint {kind}(s) the model does not have: {extra}")
         for n in running:
             if n in saved and tuple(saved[n]["shape"]) != snap.shapes[n]:
-                problems.append(f"{kind} {n!r} has shape {tuple(saved[n]['shape'])} in the checkpoint "
-                                f"but {snap.shapes[n]} in the model")
+                problems.append(
+                    f"{kind} {n!r} has shape {tuple(saved[n]['shape'])} in the checkpoint "
+                    f"but {snap.shapes[n]} in the model"
+                )
     if problems:
         raise ModelMismatchError(f"{where} was written for a different model: " + "; ".join(problems))
 
@@ -107,7 +118,8 @@ def check_optimizer(meta: dict[str, Any], snap: Snapshot, optimizer: torch.optim
         raise OptimizerMismatchError(f"{where} holds no optimizer state (saved with optimizer=None){fix}")
     if saved["class"] != type(optimizer).__name__:
         raise OptimizerMismatchError(
-            f"{where} holds {saved['class']} state but the running optimizer is {type(optimizer).__name__}{fix}")
+            f"{where} holds {saved['class']} state but the running optimizer is {type(optimizer).__name__}{fix}"
+        )
     held = [n for names in snap.optimizer_names for n in names]
     lacking = [n for n in held if n not in set(saved["state"])]
     if lacking:
@@ -120,18 +132,23 @@ def warn_state_dtypes(meta: dict[str, Any], snap: Snapshot, where: str) -> None:
     Checkpoints written before dtypes were recorded are taken to hold the parameter's dtype.
     """
     saved = meta["optimizer"].get("state_dtypes", {})
-    changed = {n: (saved.get(n, meta["params"].get(n, {}).get("dtype")), dtype)
-               for n, dtype in snap.state_dtypes.items()
-               if saved.get(n, meta["params"].get(n, {}).get("dtype")) not in (None, dtype)}
+    changed = {
+        n: (saved.get(n, meta["params"].get(n, {}).get("dtype")), dtype)
+        for n, dtype in snap.state_dtypes.items()
+        if saved.get(n, meta["params"].get(n, {}).get("dtype")) not in (None, dtype)
+    }
     if changed:
         pairs = sorted({f"{a} -> {b}" for a, b in changed.values()})
-        warnings.warn(f"{where}: exp_avg of {len(changed)} parameter(s) converted on load ({', '.join(pairs)}; "
-                      f"e.g. {sorted(changed)[:3]}): the running optimizer's state_dtype differs from the saved one",
-                      stacklevel=4)
+        warnings.warn(
+            f"{where}: exp_avg of {len(changed)} parameter(s) converted on load ({', '.join(pairs)}; "
+            f"e.g. {sorted(changed)[:3]}): the running optimizer's state_dtype differs from the saved one",
+            stacklevel=4,
+        )
 
 
-def reconcile(meta: dict[str, Any], snap: Snapshot, optimizer: LionSF, policy: HparamPolicy,
-              where: str) -> dict[str, Any]:
+def reconcile(
+    meta: dict[str, Any], snap: Snapshot, optimizer: LionSF, policy: HparamPolicy, where: str
+) -> dict[str, Any]:
     """Compare saved and running hyper-parameters under ``policy`` (see the module docstring).
 
     Returns the values to hand to ``optimizer.set_hyperparameters`` once the load has
@@ -163,8 +180,12 @@ def reconcile(meta: dict[str, Any], snap: Snapshot, optimizer: LionSF, policy: H
         return {}
     if policy == "error":
         raise OptimizerMismatchError(
-            f"{where}: hyper-parameters differ from the running optimizer: " + "; ".join(diffs))
-    winner = ("the checkpoint's values were applied" if policy == "checkpoint"
-              else "the running optimizer's values apply")
+            f"{where}: hyper-parameters differ from the running optimizer: " + "; ".join(diffs)
+        )
+    winner = (
+        "the checkpoint's values apply once the load succeeds"
+        if policy == "checkpoint"
+        else "the running optimizer's values apply"
+    )
     warnings.warn(f"{where}: hyper-parameters differ ({winner}): " + "; ".join(diffs), stacklevel=3)
     return changes if policy == "checkpoint" else {}

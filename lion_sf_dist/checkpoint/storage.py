@@ -69,8 +69,10 @@ def read_metadata(path: Path, where: str) -> dcp_metadata.Metadata:
         with open(path, "rb") as f:
             md = _MetadataUnpickler(f).load()
     except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(f"{where}: refusing {METADATA}: {e}; it was not written by this library "
-                                    "(replaced or tampered with), and loading it could run code") from e
+        raise UnsafeCheckpointError(
+            f"{where}: refusing {METADATA}: {e}; it was not written by this library "
+            "(replaced or tampered with), and loading it could run code"
+        ) from e
     except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
         raise CheckpointCorruptError(f"{where}: unreadable {METADATA} ({type(e).__name__}: {e})") from e
     _check_structure(md, where)
@@ -84,13 +86,18 @@ def _check_structure(md: Any, where: str) -> None:
         raise CheckpointCorruptError(f"{bad}: not a DCP Metadata record")
     for key, entry in md.state_dict_metadata.items():
         if not isinstance(entry, dcp_metadata.TensorStorageMetadata):
-            raise UnsafeCheckpointError(f"{bad}: entry {key!r} is a {type(entry).__name__}, not a tensor "
-                                        "(this format writes tensors only)")
-        if not isinstance(entry.properties, dcp_metadata.TensorProperties) or not isinstance(
-                entry.properties.dtype, torch.dtype) or not isinstance(entry.size, torch.Size):
+            raise UnsafeCheckpointError(
+                f"{bad}: entry {key!r} is a {type(entry).__name__}, not a tensor (this format writes tensors only)"
+            )
+        if (
+            not isinstance(entry.properties, dcp_metadata.TensorProperties)
+            or not isinstance(entry.properties.dtype, torch.dtype)
+            or not isinstance(entry.size, torch.Size)
+        ):
             raise CheckpointCorruptError(f"{bad}: entry {key!r} has no valid size or dtype")
         if not isinstance(entry.chunks, list) or not all(
-                isinstance(c, dcp_metadata.ChunkStorageMetadata) for c in entry.chunks):
+            isinstance(c, dcp_metadata.ChunkStorageMetadata) for c in entry.chunks
+        ):
             raise CheckpointCorruptError(f"{bad}: entry {key!r} has no valid chunk list")
     if not isinstance(md.storage_data, dict):
         raise CheckpointCorruptError(f"{bad}: no storage records")
@@ -99,11 +106,14 @@ def _check_structure(md: Any, where: str) -> None:
             raise CheckpointCorruptError(f"{bad}: a storage record of type {type(info).__name__}")
         name = info.relative_path
         if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
-            raise UnsafeCheckpointError(f"{bad}: storage record of {index.fqn!r} points at {name!r}, "
-                                        "not a file of the checkpoint")
+            raise UnsafeCheckpointError(
+                f"{bad}: storage record of {index.fqn!r} points at {name!r}, not a file of the checkpoint"
+            )
         if info.transform_descriptors:
-            raise UnsafeCheckpointError(f"{bad}: storage record of {index.fqn!r} asks for stream transforms "
-                                        f"{list(info.transform_descriptors)} (this format writes none)")
+            raise UnsafeCheckpointError(
+                f"{bad}: storage record of {index.fqn!r} asks for stream transforms "
+                f"{list(info.transform_descriptors)} (this format writes none)"
+            )
         if not all(isinstance(v, int) and v >= 0 for v in (info.offset, info.length)):
             raise CheckpointCorruptError(f"{bad}: storage record of {index.fqn!r} has a bad offset or length")
 
@@ -122,8 +132,11 @@ def uncovered(size: tuple[int, ...], boxes: list[Box]) -> Optional[str]:
     """
     unique = sorted({(tuple(o), tuple(s)) for o, s in boxes if math.prod(s) > 0})
     for offsets, sizes in unique:
-        if len(offsets) != len(size) or len(sizes) != len(size) or any(
-                o < 0 or o + s > d for o, s, d in zip(offsets, sizes, size)):
+        if (
+            len(offsets) != len(size)
+            or len(sizes) != len(size)
+            or any(o < 0 or o + s > d for o, s, d in zip(offsets, sizes, size))
+        ):
             return f"chunk at {list(offsets)} of size {list(sizes)} lies outside the tensor's {list(size)}"
     if len(size) == 0:
         return None if unique else "no chunk holds the scalar"
@@ -146,12 +159,17 @@ def check_coverage(md: dcp_metadata.Metadata, where: str) -> None:
             raise CheckpointCorruptError(f"{where}: entry {key!r} is not a tensor ({type(entry).__name__})")
         why = uncovered(tuple(entry.size), [(tuple(c.offsets), tuple(c.sizes)) for c in entry.chunks])
         if why is None:
-            missing = [list(c.offsets) for c in entry.chunks
-                       if dcp_metadata.MetadataIndex(key, c.offsets) not in md.storage_data]
+            missing = [
+                list(c.offsets)
+                for c in entry.chunks
+                if dcp_metadata.MetadataIndex(key, c.offsets) not in md.storage_data
+            ]
             why = f"chunks at {missing} have no storage record" if missing else None
         if why is not None:
-            raise CheckpointCorruptError(f"{where}: tensor {key!r} is incomplete in the checkpoint: {why} "
-                                         "(a save that did not finish on every rank?)")
+            raise CheckpointCorruptError(
+                f"{where}: tensor {key!r} is incomplete in the checkpoint: {why} "
+                "(a save that did not finish on every rank?)"
+            )
 
 
 class SafeReader(FileSystemReader):
@@ -166,8 +184,9 @@ class SafeReader(FileSystemReader):
         group: the process group the load runs on (``None``: the default one).
     """
 
-    def __init__(self, ckpt: Path, checksums: Optional[dict[str, str]], where: str,
-                 group: Optional[dist.ProcessGroup] = None) -> None:
+    def __init__(
+        self, ckpt: Path, checksums: Optional[dict[str, str]], where: str, group: Optional[dist.ProcessGroup] = None
+    ) -> None:
         super().__init__(str(ckpt))
         self._ckpt = ckpt
         self._checksums = checksums

@@ -86,7 +86,8 @@ def _flock(path: Path, mode: int) -> Iterator[int]:
             if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise CheckpointLockError(
                     f"cannot lock {str(path)!r} ({e}): this filesystem has no flock; keep one writer per "
-                    "checkpoint root, on a filesystem with locks") from e
+                    "checkpoint root, on a filesystem with locks"
+                ) from e
             raise
         yield fd
     finally:
@@ -160,7 +161,8 @@ def commit(tmp: Path, final: Path, keep: Optional[int], checksums: dict[str, str
     if files.keys() != checksums.keys():
         raise CheckpointError(
             f"{str(final)!r} is incomplete, not committed: files written {sorted(files)}, "
-            f"files reported by the ranks {sorted(checksums)}")
+            f"files reported by the ranks {sorted(checksums)}"
+        )
     manifest = {"files": files, "checksum": checksum.ALGORITHM, "checksums": dict(sorted(checksums.items()))}
     write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     with locked(final.parent):
@@ -212,12 +214,16 @@ def resolve(path: Path) -> Path:
         return path
     if _NAME.match(path.name) or path.name.startswith(TMP):
         raise CheckpointNotFoundError(
-            f"{str(path)!r} is an incomplete checkpoint (no {MANIFEST}: its save did not finish)")
+            f"{str(path)!r} is an incomplete checkpoint (no {MANIFEST}: its save did not finish)"
+        )
     found = complete(path)
     damaged = [d.name for d in path.iterdir() if _NAME.match(d.name) and d not in found] if path.is_dir() else []
     if found and damaged and max(damaged) > found[-1].name:
-        warnings.warn(f"{str(path)!r}: {sorted(damaged)} lack {MANIFEST} (damaged after their save?); "
-                      f"loading the newest complete one, {found[-1].name}", stacklevel=3)
+        warnings.warn(
+            f"{str(path)!r}: {sorted(damaged)} lack {MANIFEST} (damaged after their save?); "
+            f"loading the newest complete one, {found[-1].name}",
+            stacklevel=3,
+        )
     if not found:
         partial = [d.name for d in path.iterdir() if d.name.startswith(TMP)] if path.is_dir() else []
         hint = f" (only unfinished saves: {partial})" if partial else ""
@@ -246,15 +252,20 @@ def verify(ckpt: Path) -> Optional[dict[str, str]]:
         if actual != size:
             raise CheckpointCorruptError(
                 f"checkpoint {str(ckpt)!r}: file {name!r} is truncated or altered "
-                f"({actual} bytes, {size} written){hint}")
+                f"({actual} bytes, {size} written){hint}"
+            )
     sums = manifest.get("checksums")
     if sums is None:
-        warnings.warn(f"checkpoint {str(ckpt)!r} predates checksums: its files' sizes were checked, "
-                      "their contents cannot be", stacklevel=3)
+        warnings.warn(
+            f"checkpoint {str(ckpt)!r} predates checksums: its files' sizes were checked, their contents cannot be",
+            stacklevel=3,
+        )
         return None
     if manifest.get("checksum") != checksum.ALGORITHM or not isinstance(sums, dict) or sums.keys() != files.keys():
-        raise CheckpointCorruptError(f"{ckpt / MANIFEST}: checksums ({manifest.get('checksum')!r}) do not "
-                                     f"match its files or this version's {checksum.ALGORITHM}")
+        raise CheckpointCorruptError(
+            f"{ckpt / MANIFEST}: checksums ({manifest.get('checksum')!r}) do not "
+            f"match its files or this version's {checksum.ALGORITHM}"
+        )
     return sums
 
 
@@ -270,5 +281,7 @@ def verify_files(ckpt: Path, names: list[str], sums: Optional[dict[str, str]]) -
         except OSError as e:
             raise CheckpointCorruptError(f"checkpoint {str(ckpt)!r}: file {name!r} is unreadable ({e})") from e
         if actual != sums[name]:
-            raise CheckpointCorruptError(f"checkpoint {str(ckpt)!r}: file {name!r} is corrupt "
-                                         f"({checksum.ALGORITHM} {actual}, {sums[name]} written)")
+            raise CheckpointCorruptError(
+                f"checkpoint {str(ckpt)!r}: file {name!r} is corrupt "
+                f"({checksum.ALGORITHM} {actual}, {sums[name]} written)"
+            )

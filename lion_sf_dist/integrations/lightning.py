@@ -44,12 +44,18 @@ class LionSFDeepSpeedCallback(Callback):
 
         strategy = trainer.strategy
         if not isinstance(strategy, DeepSpeedStrategy):
-            raise TypeError(f"LionSFDeepSpeedCallback needs a DeepSpeedStrategy, the trainer runs "
-                            f"{type(strategy).__name__} (under ModelParallelStrategy / DDP LionSF needs no callback)")
+            raise TypeError(
+                f"LionSFDeepSpeedCallback needs a DeepSpeedStrategy, the trainer runs "
+                f"{type(strategy).__name__} (under ModelParallelStrategy / DDP LionSF needs no callback)"
+            )
         engine = strategy.deepspeed_engine
         attach(engine)
         clip = engine.gradient_clipping()
         if clip > 0:
-            warnings.warn(f"{CLIPPING_WARNING} to norm {clip} (Trainer(gradient_clip_val=...) or the config's "
-                          "gradient_clipping), which changes Lion's update signs; LionSF's author trains without "
-                          "clipping", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"{CLIPPING_WARNING} to norm {clip} (Trainer(gradient_clip_val=...) or the config's "
+                "gradient_clipping), which changes Lion's update signs; LionSF's author trains without "
+                "clipping",
+                UserWarning,
+                stacklevel=2,
+            )

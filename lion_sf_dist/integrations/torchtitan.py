@@ -65,11 +65,15 @@ def build_lion_sf(param_groups: list[dict[str, Any]], **instance_kwargs: Any) ->
             if key in ("params", "param_names") or key in _GROUP_KEYS:
                 kept[key] = value
             elif from_groups.setdefault(key, value) != value:
-                raise ValueError(f"LionSF groups of one model part disagree on {key!r} ({from_groups[key]!r} vs "
-                                 f"{value!r}): it applies to the whole optimizer")
+                raise ValueError(
+                    f"LionSF groups of one model part disagree on {key!r} ({from_groups[key]!r} vs "
+                    f"{value!r}): it applies to the whole optimizer"
+                )
             elif key in instance_kwargs and instance_kwargs[key] != value:
-                raise ValueError(f"LionSF {key!r} given as {value!r} in optimizer_kwargs and "
-                                 f"{instance_kwargs[key]!r} in optimizer_factory_kwargs_by_name")
+                raise ValueError(
+                    f"LionSF {key!r} given as {value!r} in optimizer_kwargs and "
+                    f"{instance_kwargs[key]!r} in optimizer_factory_kwargs_by_name"
+                )
         groups.append(kept)
     lr = groups[0].get("lr")
     if lr is None:
@@ -86,9 +90,12 @@ class LionSFOptimizersContainer(OptimizersContainer):
 
     def __init__(self, config: Config, *, model_parts: list[torch.nn.Module]) -> None:
         if config.implementation == "fused_opt_states_bf16" and any(
-                g.optimizer_name == OPTIMIZER_NAME for g in config.param_groups):
-            raise ValueError("LionSFOptimizersContainer: implementation='fused_opt_states_bf16' makes Adam's states "
-                             "bf16; LionSF keeps exp_avg in the parameter's dtype")
+            g.optimizer_name == OPTIMIZER_NAME for g in config.param_groups
+        ):
+            raise ValueError(
+                "LionSFOptimizersContainer: implementation='fused_opt_states_bf16' makes Adam's states "
+                "bf16; LionSF keeps exp_avg in the parameter's dtype"
+            )
         config = copy.copy(config)  # the caller's config is not modified
         kwargs = dict(config.optimizer_factory_kwargs_by_name or {})
         kwargs[OPTIMIZER_NAME] = {"coordinator": Coordinator(), **kwargs.get(OPTIMIZER_NAME, {})}
@@ -103,9 +110,15 @@ class LionSFOptimizersContainer(OptimizersContainer):
         return OptimizersContainer._resolve_optimizer_factory(name)
 
 
-def lion_sf_optimizer(lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.99), *,
-                      no_decay: str = r"(bias|norm)", agreement: str = "module",
-                      **lion_sf_kwargs: Any) -> LionSFOptimizersContainer.Config:
+def lion_sf_optimizer(
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.99),
+    *,
+    no_decay: str = r"(bias|norm)",
+    agreement: str = "module",
+    **lion_sf_kwargs: Any,
+) -> LionSFOptimizersContainer.Config:
     """Config building LionSF over every trainable parameter, without weight decay where ``no_decay`` matches.
 
     ``no_decay`` is a regex searched in parameter names (biases and norms by default).
@@ -114,10 +127,12 @@ def lion_sf_optimizer(lr: float, weight_decay: float = 0.0, betas: tuple[float, 
     group = {"lr": lr, "betas": tuple(betas)}
     return LionSFOptimizersContainer.Config(
         param_groups=[
-            ParamGroupConfig(pattern=no_decay, optimizer_name=OPTIMIZER_NAME,
-                             optimizer_kwargs={**group, "weight_decay": 0.0}),
-            ParamGroupConfig(pattern=r".*", optimizer_name=OPTIMIZER_NAME,
-                             optimizer_kwargs={**group, "weight_decay": weight_decay}),
+            ParamGroupConfig(
+                pattern=no_decay, optimizer_name=OPTIMIZER_NAME, optimizer_kwargs={**group, "weight_decay": 0.0}
+            ),
+            ParamGroupConfig(
+                pattern=r".*", optimizer_name=OPTIMIZER_NAME, optimizer_kwargs={**group, "weight_decay": weight_decay}
+            ),
         ],
         optimizer_factory_kwargs_by_name={OPTIMIZER_NAME: {"agreement": agreement, **lion_sf_kwargs}},
     )

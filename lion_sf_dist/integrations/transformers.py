@@ -70,19 +70,23 @@ class LionSFTrainerMixin(_TrainerBase):
     ``optimizers=`` and ``optimizer_cls_and_kwargs=`` are refused: the optimizer is LionSF.
     """
 
-    def __init__(self, *args: Any, lion_sf: Optional[Mapping[str, Any]] = None, disable_clipping: bool = False,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, lion_sf: Optional[Mapping[str, Any]] = None, disable_clipping: bool = False, **kwargs: Any
+    ) -> None:
         given = kwargs.get("optimizers", (None, None))
         if any(x is not None for x in given) or kwargs.get("optimizer_cls_and_kwargs") is not None:
-            raise ValueError("LionSFTrainer builds LionSF itself: pass its arguments as lion_sf={...}, "
-                             "not optimizers= or optimizer_cls_and_kwargs=")
+            raise ValueError(
+                "LionSFTrainer builds LionSF itself: pass its arguments as lion_sf={...}, "
+                "not optimizers= or optimizer_cls_and_kwargs="
+            )
         super().__init__(*args, **kwargs)
         self._lion_sf_engine: Any = None
         if dist.is_initialized() and self.accelerator.num_processes != dist.get_world_size():
             raise RuntimeError(
                 f"LionSFTrainer: accelerate sees {self.accelerator.num_processes} process(es) of the "
                 f"{dist.get_world_size()} in the process group, so every rank would train on the same batches "
-                "(on CPU accelerate shards data only with TrainingArguments(use_cpu=True), DeepSpeed included)")
+                "(on CPU accelerate shards data only with TrainingArguments(use_cpu=True), DeepSpeed included)"
+            )
         ds_config = self._lion_sf_ds_config()
         hyper = dict(lion_sf or {})
         if ds_config is not None:
@@ -97,9 +101,13 @@ class LionSFTrainerMixin(_TrainerBase):
         clip = self.args.max_grad_norm if ds_config is None else ds_config.config["gradient_clipping"]
         if clip > 0:
             where = "max_grad_norm" if ds_config is None else "max_grad_norm / DeepSpeed's gradient_clipping"
-            warnings.warn(f"{CLIPPING_WARNING} to norm {clip} ({where}), which changes Lion's update signs; "
-                          "LionSF's author trains without clipping: set max_grad_norm=0 or pass "
-                          "disable_clipping=True to LionSFTrainer", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"{CLIPPING_WARNING} to norm {clip} ({where}), which changes Lion's update signs; "
+                "LionSF's author trains without clipping: set max_grad_norm=0 or pass "
+                "disable_clipping=True to LionSFTrainer",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _lion_sf_ds_config(self) -> Any:
         """The DeepSpeed config object ``deepspeed_init`` reads (accelerate's plugin), or None without DeepSpeed."""
@@ -117,13 +125,16 @@ class LionSFTrainerMixin(_TrainerBase):
             hyper = dict(self._lion_sf_hyper)
             weight_decay = hyper.pop("weight_decay")
             named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
-            groups = [{"params": [(n, p) for n, p in named if n in decay], "weight_decay": weight_decay},
-                      {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0}]
+            groups = [
+                {"params": [(n, p) for n, p in named if n in decay], "weight_decay": weight_decay},
+                {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0},
+            ]
             self.optimizer = LionSF([g for g in groups if g["params"]], **hyper)
         return self.optimizer
 
-    def create_scheduler(self, num_training_steps: int,
-                         optimizer: Optional[torch.optim.Optimizer] = None) -> torch.optim.lr_scheduler.LRScheduler:
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: Optional[torch.optim.Optimizer] = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
         """The Trainer's scheduler; first attaches LionSF to a DeepSpeed engine accelerate has just built.
 
         The Trainer calls this right after ``accelerator.prepare`` built the engine and before it
@@ -153,8 +164,10 @@ def _merge_ds_optimizer_entry(ds_config: Any, hyper: dict[str, Any]) -> dict[str
     if entry is None:
         return hyper
     if str(entry.get("type", "")).lower() != OPTIMIZER_TYPE.lower():
-        raise ValueError(f"LionSFTrainer: the DeepSpeed config names optimizer {entry.get('type')!r}; "
-                         "remove it or use {\"type\": \"LionSF\"}")
+        raise ValueError(
+            f"LionSFTrainer: the DeepSpeed config names optimizer {entry.get('type')!r}; "
+            'remove it or use {"type": "LionSF"}'
+        )
     from_config = dict(entry.get("params", {}))
     if "betas" in from_config:
         from_config["betas"] = tuple(from_config["betas"])
@@ -172,10 +185,14 @@ def _resolve_hyper(hyper: dict[str, Any], learning_rate: float, trainer_decay: f
     """LionSF's arguments with ``lr`` and ``weight_decay`` settled against the Trainer's, never silently."""
     lr = hyper.get("lr", learning_rate)
     if lr != learning_rate:
-        raise ValueError(f"LionSFTrainer: lion_sf lr={lr} but args.learning_rate={learning_rate} (the Trainer's "
-                         "scheduler starts from its own): set one of them, or both alike")
+        raise ValueError(
+            f"LionSFTrainer: lion_sf lr={lr} but args.learning_rate={learning_rate} (the Trainer's "
+            "scheduler starts from its own): set one of them, or both alike"
+        )
     decay = hyper.get("weight_decay", trainer_decay)
     if trainer_decay not in (0.0, decay):
-        raise ValueError(f"LionSFTrainer: lion_sf weight_decay={decay} but args.weight_decay={trainer_decay}: "
-                         "set one of them, or both alike")
+        raise ValueError(
+            f"LionSFTrainer: lion_sf weight_decay={decay} but args.weight_decay={trainer_decay}: "
+            "set one of them, or both alike"
+        )
     return {**hyper, "lr": lr, "weight_decay": decay}

@@ -74,8 +74,9 @@ class Layout(Protocol):
 
     state_dtype: Optional[torch.dtype]
 
-    def init_state(self, param_groups: ParamGroups, state: State, original: Sequence[Sequence[Optional[Tensor]]],
-                   units: Units) -> None:
+    def init_state(
+        self, param_groups: ParamGroups, state: State, original: Sequence[Sequence[Optional[Tensor]]], units: Units
+    ) -> None:
         """Give every tensor the optimizer steps its ``exp_avg`` (eager state), in place in ``state``.
 
         ``original``: the tensors each param group held when added (units refer to these
@@ -95,8 +96,9 @@ class Layout(Protocol):
         """After a step of the segments: propagate the updated values where the engine reads them."""
         ...
 
-    def fragments(self, param_groups: ParamGroups, state: State, original: Sequence[Sequence[Optional[Tensor]]],
-                  units: Units) -> list[Fragment]:
+    def fragments(
+        self, param_groups: ParamGroups, state: State, original: Sequence[Sequence[Optional[Tensor]]], units: Units
+    ) -> list[Fragment]:
         """This rank's piece of every parameter the optimizer holds (checkpoints read and write these)."""
         ...
 

@@ -42,8 +42,9 @@ def _ranks_group(ranks: tuple[int, ...], found: Optional[dist.ProcessGroup]) -> 
 _Key = TypeVar("_Key")
 
 
-def _memo(table: dict[int, tuple[_Key, dist.ProcessGroup]], key: _Key,
-          compute: Callable[[], dist.ProcessGroup]) -> dist.ProcessGroup:
+def _memo(
+    table: dict[int, tuple[_Key, dist.ProcessGroup]], key: _Key, compute: Callable[[], dist.ProcessGroup]
+) -> dist.ProcessGroup:
     """``compute()`` once per live ``key`` object (by identity; ``step()`` asks every step)."""
     _forget_dead_groups()
     hit = table.get(id(key))
@@ -54,8 +55,7 @@ def _memo(table: dict[int, tuple[_Key, dist.ProcessGroup]], key: _Key,
 
 
 def _canonical(group: dist.ProcessGroup) -> dist.ProcessGroup:
-    return _memo(_canonical_of, group,
-                 lambda: _ranks_group(tuple(sorted(dist.get_process_group_ranks(group))), group))
+    return _memo(_canonical_of, group, lambda: _ranks_group(tuple(sorted(dist.get_process_group_ranks(group))), group))
 
 
 def _whole_mesh_group(mesh: DeviceMesh) -> dist.ProcessGroup:

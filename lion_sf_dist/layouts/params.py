@@ -42,8 +42,10 @@ def check_params(params: Sequence[Tensor]) -> None:
         if is_fsdp1_flat_param(p):
             raise ValueError(f"{_FSDP1_HELP} (parameter of local shape {tuple(p.shape)})")
         if not p.is_floating_point():
-            raise TypeError(f"LionSF steps floating-point parameters only; got one of dtype {p.dtype} and shape "
-                            f"{tuple(p.shape)} (integer and complex parameters have no sign update)")
+            raise TypeError(
+                f"LionSF steps floating-point parameters only; got one of dtype {p.dtype} and shape "
+                f"{tuple(p.shape)} (integer and complex parameters have no sign update)"
+            )
 
 
 class ParamLayout:
@@ -59,8 +61,9 @@ class ParamLayout:
         self._seen: list[Tensor] = []
         self.state_dtype: Optional[torch.dtype] = None
 
-    def init_state(self, param_groups: ParamGroups, state: State, original: Sequence[Sequence[Optional[Tensor]]],
-                   units: Units) -> None:
+    def init_state(
+        self, param_groups: ParamGroups, state: State, original: Sequence[Sequence[Optional[Tensor]]], units: Units
+    ) -> None:
         current = [p for group in param_groups for p in group["params"]]
         if len(current) == len(self._seen) and all(a is b for a, b in zip(current, self._seen)):
             return
@@ -99,29 +102,49 @@ class ParamLayout:
                 if g is None:
                     continue
                 if g.is_sparse:
-                    raise ValueError("LionSF does not support sparse gradients (got one for a parameter of shape "
-                                     f"{tuple(p.shape)}); use a dense embedding or another optimizer for it")
+                    raise ValueError(
+                        "LionSF does not support sparse gradients (got one for a parameter of shape "
+                        f"{tuple(p.shape)}); use a dense embedding or another optimizer for it"
+                    )
                 if g.shape != p.shape:
-                    raise ValueError(f"a gradient of shape {tuple(g.shape)} was set on a parameter of shape "
-                                     f"{tuple(p.shape)}; LionSF steps each element with its own gradient")
+                    raise ValueError(
+                        f"a gradient of shape {tuple(g.shape)} was set on a parameter of shape "
+                        f"{tuple(p.shape)}; LionSF steps each element with its own gradient"
+                    )
                 m = state[p]["exp_avg"]
                 if isinstance(p, DTensor):
                     check_grad_layout(p, g)
                     process_group, counted = reduction_for(p.device_mesh, p.placements)
-                    segments.append(Segment(p.to_local(), g.to_local(), m.to_local(), unit, group, process_group,
-                                            counted, position, shard_index(p)))
+                    segments.append(
+                        Segment(
+                            p.to_local(),
+                            g.to_local(),
+                            m.to_local(),
+                            unit,
+                            group,
+                            process_group,
+                            counted,
+                            position,
+                            shard_index(p),
+                        )
+                    )
                 else:
-                    segments.append(Segment(p, g, m, unit, group, param_id=position,
-                                            index=IndexMap.slice(0, p.numel())))
+                    segments.append(
+                        Segment(p, g, m, unit, group, param_id=position, index=IndexMap.slice(0, p.numel()))
+                    )
         return segments
 
     def finish(self) -> None:
         """Nothing to propagate: the optimizer stepped the parameters themselves."""
 
-    def fragments(self, param_groups: ParamGroups, state: State, original: Sequence[Sequence[Optional[Tensor]]],
-                  units: Units) -> list[Fragment]:
-        return [Fragment(p, unit, p.shape, p.detach(), state[p]["exp_avg"], whole=True)
-                for group, ids in zip(param_groups, units.ids) for p, unit in zip(group["params"], ids)]
+    def fragments(
+        self, param_groups: ParamGroups, state: State, original: Sequence[Sequence[Optional[Tensor]]], units: Units
+    ) -> list[Fragment]:
+        return [
+            Fragment(p, unit, p.shape, p.detach(), state[p]["exp_avg"], whole=True)
+            for group, ids in zip(param_groups, units.ids)
+            for p, unit in zip(group["params"], ids)
+        ]
 
     def refresh(self) -> None:
         """Nothing to refresh: the model computes with the tensors that were written."""

@@ -54,15 +54,18 @@ class ZeroLayout:
         self._position: dict[int, int] = {}
         self.state_dtype: Optional[torch.dtype] = None
 
-    def init_state(self, param_groups: ParamGroups, state: State, original: Sequence[Sequence[Optional[Tensor]]],
-                   units: Units) -> None:
+    def init_state(
+        self, param_groups: ParamGroups, state: State, original: Sequence[Sequence[Optional[Tensor]]], units: Units
+    ) -> None:
         if self._units is not None:
             return
         unit_of = {id(p): u for ps, ids in zip(original, units.ids) for p, u in zip(ps, ids) if p is not None}
         unknown = [f.shape for part in self.partitions for f in part.slices if id(f.param) not in unit_of]
         if unknown:
-            raise RuntimeError(f"lion_sf_dist: DeepSpeed partitions hold parameters (shapes {unknown}) "
-                               "that the LionSF was not constructed with")
+            raise RuntimeError(
+                f"lion_sf_dist: DeepSpeed partitions hold parameters (shapes {unknown}) "
+                "that the LionSF was not constructed with"
+            )
         self._position = {id(p): i for i, p in enumerate(p for ps in original for p in ps) if p is not None}
         dtype = self.state_dtype or None
         new_state: State = {}
@@ -76,7 +79,8 @@ class ZeroLayout:
                 old = state.get(f.param, {}).get("exp_avg")
                 if old is not None and f.numel:
                     exp_avg[f.flat_offset : f.flat_offset + f.numel].copy_(
-                        old.reshape(-1)[f.param_offset : f.param_offset + f.numel])
+                        old.reshape(-1)[f.param_offset : f.param_offset + f.numel]
+                    )
             new_state[part.flat] = {"exp_avg": exp_avg}
         state.clear()
         state.update(new_state)
@@ -111,9 +115,18 @@ class ZeroLayout:
             call, m = calls[k], state[part.flat]["exp_avg"]
             for f, unit in zip(part.slices, self._units[k]):
                 lo, hi = f.flat_offset, f.flat_offset + f.numel
-                segments.append(Segment(part.flat.data[lo:hi], call.grad[lo:hi], m[lo:hi], unit, call.param_group,
-                                        part.process_group, param_id=self._position.get(id(f.param), -1),
-                                        index=IndexMap.slice(f.param_offset, f.numel)))
+                segments.append(
+                    Segment(
+                        part.flat.data[lo:hi],
+                        call.grad[lo:hi],
+                        m[lo:hi],
+                        unit,
+                        call.param_group,
+                        part.process_group,
+                        param_id=self._position.get(id(f.param), -1),
+                        index=IndexMap.slice(f.param_offset, f.numel),
+                    )
+                )
         return segments
 
     def finish(self) -> None:
@@ -122,8 +135,9 @@ class ZeroLayout:
         for part in deferred:
             part.writeback()
 
-    def fragments(self, param_groups: ParamGroups, state: State, original: Sequence[Sequence[Optional[Tensor]]],
-                  units: Units) -> list[Fragment]:
+    def fragments(
+        self, param_groups: ParamGroups, state: State, original: Sequence[Sequence[Optional[Tensor]]], units: Units
+    ) -> list[Fragment]:
         """This rank's slices of every parameter (padding excluded; none for a parameter it holds no element of)."""
         assert self._units is not None, "init_state runs before fragments"
         out = []
@@ -132,8 +146,17 @@ class ZeroLayout:
             for f, unit in zip(part.slices, ids):
                 if f.numel:
                     lo, hi = f.flat_offset, f.flat_offset + f.numel
-                    out.append(Fragment(f.param, unit, torch.Size(f.shape), part.flat.data[lo:hi], m[lo:hi],
-                                        whole=False, offset=f.param_offset))
+                    out.append(
+                        Fragment(
+                            f.param,
+                            unit,
+                            torch.Size(f.shape),
+                            part.flat.data[lo:hi],
+                            m[lo:hi],
+                            whole=False,
+                            offset=f.param_offset,
+                        )
+                    )
         return out
 
     def refresh(self) -> None:

@@ -34,14 +34,27 @@ from torch import Tensor
 
 # Attributes a ZeRO optimizer must have for the recipes above (checked by tests and at attach).
 STAGE12_ATTRS = (
-    "optimizer", "real_dp_process_group", "partition_size", "single_partition_of_fp32_groups",
-    "round_robin_bit16_groups", "round_robin_bit16_offsets", "round_robin_bit16_meta",
-    "parallel_partitioned_bit16_groups", "cpu_offload",
+    "optimizer",
+    "real_dp_process_group",
+    "partition_size",
+    "single_partition_of_fp32_groups",
+    "round_robin_bit16_groups",
+    "round_robin_bit16_offsets",
+    "round_robin_bit16_meta",
+    "parallel_partitioned_bit16_groups",
+    "cpu_offload",
 )
 STAGE3_ATTRS = (
-    "optimizer", "fp32_partitioned_groups_flat", "fp16_partitioned_groups_flat", "fp16_groups",
-    "sub_group_process_groups", "grad_position", "get_param_id",
-    "offload_optimizer", "swap_optimizer", "partial_offload",
+    "optimizer",
+    "fp32_partitioned_groups_flat",
+    "fp16_partitioned_groups_flat",
+    "fp16_groups",
+    "sub_group_process_groups",
+    "grad_position",
+    "get_param_id",
+    "offload_optimizer",
+    "swap_optimizer",
+    "partial_offload",
 )
 # Markers DeepSpeed leaves on the model parameters it flattens (stage 1/2 and its bf16
 # optimizer set ``_hp_mapping`` on every parameter, ``None`` where this rank holds none of
@@ -187,8 +200,9 @@ def stage12_partitions(zo: Any) -> list[Partition]:
             raise RuntimeError(f"lion_sf_dist: ZeRO group {i}: partition has {flat.numel()} elements, expected {size}")
         lo, hi = rank * size, (rank + 1) * size
         slices = []
-        for p, start, meta in zip(zo.round_robin_bit16_groups[i], zo.round_robin_bit16_offsets[i],
-                                  zo.round_robin_bit16_meta[i], strict=True):
+        for p, start, meta in zip(
+            zo.round_robin_bit16_groups[i], zo.round_robin_bit16_offsets[i], zo.round_robin_bit16_meta[i], strict=True
+        ):
             a, b = max(int(start), lo), min(int(start) + meta.numel(), hi)
             shape = tuple(meta.shape)
             slices.append(Slice(p, shape, a - int(start), a - lo, b - a) if b > a else Slice(p, shape, 0, 0, 0))
