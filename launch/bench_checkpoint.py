@@ -3,19 +3,26 @@
 Each block holds GPT-2 small's block parameters (7.1M fp32); every block and the root are
 ``fully_shard``-ed over W gloo ranks. After one step (non-zero ``exp_avg``) the run times
 ``lion_sf_dist.checkpoint.save``, ``load`` (hot restart, in place) and ``save_async`` (the
-time it blocks, and the rest until written), each from a barrier to the slowest rank's end, and a load of the same checkpoint at world size 1 (one process,
-no process group). Prints seconds, and MB/s of the checkpoint's size on disk.
+time it blocks, and the rest until written), each from a barrier to the slowest rank's end,
+and a load of the same checkpoint at world size 1 (one process, no process group). Prints
+seconds, and MB/s of the checkpoint's size on disk.
 
-    python launch/bench_checkpoint.py [--worlds 1 2 4] [--blocks 1] [--dir /tmp/ckpt_bench]
+The cost of checksums is measured side by side: save and load alternate with the same save
+and load with checksums switched off (hashing replaced by nothing, verification skipped),
+``--repeats`` times each; the fastest of each is compared.
+
+    python launch/bench_checkpoint.py [--worlds 1 2 4] [--blocks 12] [--repeats 3] [--dir /tmp/ckpt_bench]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import tempfile
 import time
+from typing import Iterator
 from pathlib import Path
 
 import torch
@@ -24,6 +31,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from lion_sf_dist import LionSF, checkpoint
+from lion_sf_dist.checkpoint import checksum, store
 
 
 class Block(nn.Module):
@@ -58,20 +66,47 @@ def _timed(fn, distributed: bool) -> float:
     return float(elapsed)
 
 
-def _rank(rank: int, world: int, blocks: int, root: str, store: str) -> None:
+class _NoHash:
+    def update(self, data: checksum.Buffer, /) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return "0"
+
+
+@contextlib.contextmanager
+def _checksums_off() -> Iterator[None]:
+    """Saves record a dummy checksum and loads verify nothing: the baseline the cost is measured against."""
+    new, verify_files = checksum.new, store.verify_files
+    checksum.new = lambda algorithm=checksum.ALGORITHM: _NoHash()
+    store.verify_files = lambda *args: None
+    try:
+        yield
+    finally:
+        checksum.new, store.verify_files = new, verify_files
+
+
+def _rank(rank: int, world: int, blocks: int, repeats: int, root: str, rendezvous: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
     model = model_of(blocks)
     for block in model:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     opt = _stepped(model)
-    save = _timed(lambda: checkpoint.save(root, model, opt), True)
-    load = _timed(lambda: checkpoint.load(root, model, opt), True)
+    times: dict[str, list[float]] = {"save": [], "load": [], "save, no checksums": [], "load, no checksums": []}
+    for _ in range(repeats):
+        with _checksums_off():
+            times["save, no checksums"].append(_timed(lambda: checkpoint.save(root + "-plain", model, opt, keep=1), True))
+            times["load, no checksums"].append(_timed(lambda: checkpoint.load(root + "-plain", model, opt), True))
+        times["save"].append(_timed(lambda: checkpoint.save(root, model, opt, keep=1), True))
+        times["load"].append(_timed(lambda: checkpoint.load(root, model, opt), True))
+    save, load = min(times["save"]), min(times["load"])
+    plain_save, plain_load = min(times["save, no checksums"]), min(times["load, no checksums"])
     handle = []
     blocked = _timed(lambda: handle.append(checkpoint.save_async(root, model, opt)), True)
     background = _timed(lambda: handle[0].wait(), True)
@@ -79,13 +114,17 @@ def _rank(rank: int, world: int, blocks: int, root: str, store: str) -> None:
         size = sum(f.stat().st_size for f in checkpoint.latest(root).iterdir()) / 1e6
         print(f"W={world}: save {save:.2f} s ({size / save:.0f} MB/s), load {load:.2f} s ({size / load:.0f} MB/s), "
               f"{size:.0f} MB; save_async blocks {blocked:.2f} s, then writes {background:.2f} s more", flush=True)
+        print(f"  checksums ({checksum.ALGORITHM}): save {save:.3f} s vs {plain_save:.3f} s without "
+              f"({save / plain_save - 1:+.1%}), load {load:.3f} s vs {plain_load:.3f} s without "
+              f"({load / plain_load - 1:+.1%}); fastest of {repeats}", flush=True)
     dist.destroy_process_group()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--blocks", type=int, default=1)
+    parser.add_argument("--blocks", type=int, default=12, help="12: 85M parameters")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=None)
     args = parser.parse_args()
     base = Path(args.dir or tempfile.mkdtemp(prefix="ckpt_bench"))
@@ -94,7 +133,7 @@ def main() -> None:
     for world in args.worlds:
         root = base / f"w{world}"
         with tempfile.TemporaryDirectory() as tmp:
-            mp.start_processes(_rank, args=(world, args.blocks, str(root), f"{tmp}/store"), nprocs=world,
+            mp.start_processes(_rank, args=(world, args.blocks, args.repeats, str(root), f"{tmp}/store"), nprocs=world,
                                start_method="spawn")
         model = model_of(args.blocks)
         opt = LionSF(model.named_parameters(), lr=1e-4)

@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -73,9 +74,21 @@ def test_malicious_metadata_is_refused_and_its_code_never_runs(tmp_path: Path) -
     assert_same(full_state(fresh, fresh_opt), before, "after a refused load")
 
 
-def test_one_float_overwritten_with_1e30_is_named(tmp_path: Path) -> None:
+def _as_crc32(ckpt: Path) -> None:
+    """Rewrite the manifest as the first format did: CRC-32, eight hex digits per file."""
+    manifest = json.loads((ckpt / store.MANIFEST).read_text())
+    manifest["checksum"] = "crc32"
+    manifest["checksums"] = {n: f"{zlib.crc32((ckpt / n).read_bytes()):08x}" for n in manifest["checksums"]}
+    (ckpt / store.MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("algorithm", ["xxh3-64", "crc32"])
+def test_one_float_overwritten_with_1e30_is_named(tmp_path: Path, algorithm: str) -> None:
     model, opt = _trained()
     ckpt = checkpoint.save(tmp_path, model, opt)
+    if algorithm == "crc32":
+        _as_crc32(ckpt)
+    assert json.loads((ckpt / store.MANIFEST).read_text())["checksum"] == algorithm
     shard = next(ckpt.glob("*.distcp"))
     data = bytearray(shard.read_bytes())
     at = data.find(struct.pack("<f", model.a.weight[2, 3].item()))
@@ -84,7 +97,27 @@ def test_one_float_overwritten_with_1e30_is_named(tmp_path: Path) -> None:
     shard.write_bytes(bytes(data))  # same size: the manifest's sizes cannot tell
     fresh, fresh_opt = _fresh()
     before = full_state(fresh, fresh_opt)
-    with pytest.raises(checkpoint.CheckpointCorruptError, match=f"file '{shard.name}' is corrupt"):
+    with pytest.raises(checkpoint.CheckpointCorruptError, match=f"file '{shard.name}' is corrupt.*{algorithm}"):
+        checkpoint.load(tmp_path, fresh, fresh_opt)
+    assert_same(full_state(fresh, fresh_opt), before, "after a refused load")
+
+
+def test_crc32_manifest_of_the_first_format_still_loads(tmp_path: Path) -> None:
+    model, opt = _trained()
+    _as_crc32(checkpoint.save(tmp_path, model, opt))
+    fresh, fresh_opt = _fresh()
+    checkpoint.load(tmp_path, fresh, fresh_opt)
+    assert_same(full_state(fresh, fresh_opt), full_state(model, opt), "crc32 manifest")
+
+
+def test_manifest_naming_an_unknown_checksum_is_refused(tmp_path: Path) -> None:
+    ckpt = checkpoint.save(tmp_path, *_trained())
+    manifest = json.loads((ckpt / store.MANIFEST).read_text())
+    manifest["checksum"] = "md4"
+    (ckpt / store.MANIFEST).write_text(json.dumps(manifest))
+    fresh, fresh_opt = _fresh()
+    before = full_state(fresh, fresh_opt)
+    with pytest.raises(checkpoint.CheckpointCorruptError, match="checksums \\('md4'\\) do not match"):
         checkpoint.load(tmp_path, fresh, fresh_opt)
     assert_same(full_state(fresh, fresh_opt), before, "after a refused load")
 

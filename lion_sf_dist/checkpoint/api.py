@@ -192,7 +192,7 @@ def verify(path: PathLike) -> Path:
     """
     ckpt, _, _, sums = _open(Path(path))
     SafeReader(ckpt, sums, f"checkpoint {str(ckpt)!r}").checked_metadata()
-    store.verify_files(ckpt, sorted(set(sums or {}) - {METADATA, store.META, store.EXTRA}), sums)
+    store.verify_files(ckpt, sorted(set(sums.of if sums else ()) - {METADATA, store.META, store.EXTRA}), sums)
     return ckpt
 
 

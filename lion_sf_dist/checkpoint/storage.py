@@ -177,15 +177,15 @@ class SafeReader(FileSystemReader):
 
     Args:
         ckpt: the checkpoint directory.
-        checksums: the manifest's ``{file name: checksum}``; every shard file and
-            ``.metadata`` must be listed. ``None`` for a checkpoint written before checksums
+        checksums: the manifest's checksums; every shard file and ``.metadata`` must be
+            listed. ``None`` for a checkpoint written before checksums
             were recorded (sizes were checked; contents cannot be).
         where: how errors name the checkpoint.
         group: the process group the load runs on (``None``: the default one).
     """
 
     def __init__(
-        self, ckpt: Path, checksums: Optional[dict[str, str]], where: str, group: Optional[dist.ProcessGroup] = None
+        self, ckpt: Path, checksums: Optional[checksum.Checksums], where: str, group: Optional[dist.ProcessGroup] = None
     ) -> None:
         super().__init__(str(ckpt))
         self._ckpt = ckpt
@@ -200,7 +200,7 @@ class SafeReader(FileSystemReader):
             self._verify([METADATA])
             md = read_metadata(self._ckpt / METADATA, self._where)
             if self._checksums is not None:
-                unlisted = sorted({i.relative_path for i in md.storage_data.values()} - set(self._checksums))
+                unlisted = sorted({i.relative_path for i in md.storage_data.values()} - set(self._checksums.of))
                 if unlisted:
                     raise CheckpointCorruptError(f"{self._where}: shard file(s) {unlisted} are not in the manifest")
             check_coverage(md, self._where)
@@ -242,12 +242,12 @@ class _HashingStream:
 
     def __init__(self, raw: Any) -> None:
         self._raw = raw
-        self.state = 0
+        self.hasher = checksum.new()
         self.sequential = True
 
     def write(self, data: checksum.Buffer) -> int:
         n = self._raw.write(data)
-        self.state = checksum.update(self.state, memoryview(data).cast("B")[:n])
+        self.hasher.update(memoryview(data).cast("B")[:n])
         return n
 
     def seek(self, *args: Any) -> int:
@@ -274,7 +274,7 @@ class _HashingFileSystem(FileSystem):
             stream = _HashingStream(raw)
             yield stream
         if stream.sequential:
-            self.sums[Path(path).name] = checksum.digest(stream.state)
+            self.sums[Path(path).name] = stream.hasher.hexdigest()
 
 
 class ChecksummingWriter(FileSystemWriter):

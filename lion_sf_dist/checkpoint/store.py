@@ -231,11 +231,11 @@ def resolve(path: Path) -> Path:
     return found[-1]
 
 
-def verify(ckpt: Path) -> Optional[dict[str, str]]:
+def verify(ckpt: Path) -> Optional[checksum.Checksums]:
     """Raise :class:`CheckpointCorruptError` naming any file that is missing or has the wrong size.
 
-    Returns the manifest's checksums by file name (``None``: written before checksums were
-    recorded; a warning says its contents cannot be verified).
+    Returns the manifest's checksums (``None``: written before checksums were recorded; a
+    warning says its contents cannot be verified).
     """
     try:
         manifest = json.loads((ckpt / MANIFEST).read_text())
@@ -261,27 +261,33 @@ def verify(ckpt: Path) -> Optional[dict[str, str]]:
             stacklevel=3,
         )
         return None
-    if manifest.get("checksum") != checksum.ALGORITHM or not isinstance(sums, dict) or sums.keys() != files.keys():
+    algorithm = manifest.get("checksum")
+    if (
+        algorithm not in checksum.READABLE
+        or not isinstance(sums, dict)
+        or sums.keys() != files.keys()
+        or not all(isinstance(v, str) for v in sums.values())
+    ):
         raise CheckpointCorruptError(
-            f"{ckpt / MANIFEST}: checksums ({manifest.get('checksum')!r}) do not "
-            f"match its files or this version's {checksum.ALGORITHM}"
+            f"{ckpt / MANIFEST}: checksums ({algorithm!r}) do not match its files or name none of "
+            f"{sorted(checksum.READABLE)}"
         )
-    return sums
+    return checksum.Checksums(algorithm, sums)
 
 
-def verify_files(ckpt: Path, names: list[str], sums: Optional[dict[str, str]]) -> None:
+def verify_files(ckpt: Path, names: list[str], sums: Optional[checksum.Checksums]) -> None:
     """Raise :class:`CheckpointCorruptError` naming the first of ``names`` whose contents differ from ``sums``."""
     if sums is None:
         return
     for name in names:
-        if name not in sums:
+        if name not in sums.of:
             raise CheckpointCorruptError(f"checkpoint {str(ckpt)!r}: file {name!r} is not in the manifest")
         try:
-            actual = checksum.file_checksum(ckpt / name)
-        except OSError as e:
+            actual = checksum.file_checksum(ckpt / name, sums.algorithm)
+        except (OSError, ValueError) as e:
             raise CheckpointCorruptError(f"checkpoint {str(ckpt)!r}: file {name!r} is unreadable ({e})") from e
-        if actual != sums[name]:
+        if actual != sums.of[name]:
             raise CheckpointCorruptError(
                 f"checkpoint {str(ckpt)!r}: file {name!r} is corrupt "
-                f"({checksum.ALGORITHM} {actual}, {sums[name]} written)"
+                f"({sums.algorithm} {actual}, {sums.of[name]} written)"
             )
