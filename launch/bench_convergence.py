@@ -17,6 +17,9 @@ and several seeds, on the same data order:
   full length is read at every budget. Which wins at each budget, and at what total cost.
 - ``large``: LionSF and AdamW cosine on a model of 4x the parameters (twice the layers, 1.5x
   the width), ``--seeds`` 1 unless given.
+- ``precision``: LionSF with fp32 parameters and state; fp32 parameters and bf16 state
+  (``state_dtype``); bf16 parameters and state (no fp32 master copy), rounded to nearest and
+  with ``stochastic_rounding``. Reports bytes per parameter of parameters + state for each.
 
 LionSF's parameters are in two param groups (matrices, and biases / norm weights), so
 ``agreement="group"`` differs from ``"global"``; the other unit types do not depend on it.
@@ -57,7 +60,7 @@ from train import GPT, batch, stdlib_text  # noqa: E402  (the training script's 
 
 from lion_sf_dist import LionSF  # noqa: E402
 
-STUDIES = ("convergence", "ablation", "anytime", "large")
+STUDIES = ("convergence", "ablation", "anytime", "large", "precision")
 CONTROL = "plain Lion (pow 0)"  # the ablation's control, LionSF with pow=0
 
 
@@ -70,6 +73,7 @@ class Config:
     lrs: tuple[float, ...]
     options: tuple[tuple[str, Any], ...] = ()  # LionSF keyword arguments over LIONSF_BASE
     steps: Optional[int] = None  # run length, and AdamW cosine's schedule length; None: --steps
+    dtype: torch.dtype = torch.float32  # the model's parameters (the loss is computed in fp32 either way)
 
 
 LIONSF_BASE = dict(betas=(0.9, 0.99), weight_decay=0.0, agreement="module", pow=1.0)
@@ -132,6 +136,13 @@ def study_configs(study: str, steps: int, lionsf_options: Optional[dict[str, Any
     if study == "large":
         return [Config("LionSF", "LionSF", (1e-3, 2e-3, 4e-3), options),
                 Config("AdamW cosine", "AdamW cosine", (3e-3, 6e-3, 1.2e-2))]
+    if study == "precision":
+        lrs, bf16 = (1e-3, 2e-3, 4e-3), torch.bfloat16
+        return [Config("fp32 params, fp32 state", "LionSF", lrs, options),
+                Config("fp32 params, bf16 state", "LionSF", lrs, options + (("state_dtype", bf16),)),
+                Config("bf16 params, bf16 state, nearest", "LionSF", lrs, options, dtype=bf16),
+                Config("bf16 params, bf16 state, stochastic", "LionSF", lrs,
+                       options + (("stochastic_rounding", True),), dtype=bf16)]
     raise ValueError(study)
 
 
@@ -195,7 +206,7 @@ class Run:
         self.length = config.steps or args.steps
         self.train_data, self.val_data = data
         torch.manual_seed(seed)
-        self.model = GPT(args.layers, args.width, args.heads, args.block)
+        self.model = GPT(args.layers, args.width, args.heads, args.block).to(config.dtype)
         self.opt = make_optimizer(config, self.model, lr)
         self.schedule: Callable[[int], float] = lambda s: 1.0
         if config.optimizer == "AdamW cosine":
@@ -650,8 +661,39 @@ def report_large(args: argparse.Namespace, configs: list[Config], curves: Curves
     save(args, lines, fig)
 
 
+def state_bytes_per_param(config: Config, args: argparse.Namespace) -> float:
+    """Bytes per parameter of the parameters and the optimizer state, measured after one step."""
+    model = GPT(args.layers, args.width, args.heads, args.block).to(config.dtype)
+    opt = make_optimizer(config, model, 1e-3)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    params = list(model.parameters())
+    state = [t for p in params for t in opt.state[p].values() if isinstance(t, torch.Tensor) and t.shape == p.shape]
+    return sum(t.numel() * t.element_size() for t in params + state) / sum(p.numel() for p in params)
+
+
+def report_precision(args: argparse.Namespace, configs: list[Config], curves: Curves,
+                     _restarts: dict[str, Curve], meta: dict) -> None:
+    """Final loss at each precision's best lr, beside its bytes per parameter."""
+    lines = header(args, "LionSF in low precision", meta)
+    lines += ["| parameters, state, rounding | bytes / parameter (params + state) | lrs run | best lr "
+              "| final val loss (mean ± sd) |", "|---|---:|---|---:|---:|"]
+    for c in configs:
+        lr, lrs = best_lr(curves, c.name), lrs_of(curves, c.name)
+        edge = " (edge)" if lr in (lrs[0], lrs[-1]) else ""
+        lines.append(f"| {c.name} | {state_bytes_per_param(c, args):g} | {', '.join(f'{x:g}' for x in lrs)} "
+                     f"| {lr:g}{edge} | {mean_sd(final(curves[(c.name, lr)]))} |")
+    lines += ["", "Gradients add the parameters' size again (4 or 2 bytes). The loss is computed in fp32 from "
+              "the logits in every run.", "", "## Every run", ""] + sweep_table(curves, configs)
+    fig, (a,) = figure(1)
+    plot_best(a, curves, [c.name for c in configs], "best lr of each, mean ± sd over seeds")
+    a.set_ylim(top=min(3.5, a.get_ylim()[1]))
+    save(args, lines, fig)
+
+
 REPORTS = {"convergence": report_convergence, "ablation": report_ablation, "anytime": report_anytime,
-           "large": report_large}
+           "large": report_large, "precision": report_precision}
 
 
 if __name__ == "__main__":

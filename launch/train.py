@@ -111,7 +111,7 @@ class GPT(nn.Module):
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
         for blk in self.blocks:
             x = blk(x)
-        logits = self.head(self.ln(x))
+        logits = self.head(self.ln(x)).float()  # the loss in fp32 whatever the parameters' dtype
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
 
 

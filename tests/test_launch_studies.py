@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.test_train import ENV, ROOT, run
 
@@ -61,6 +62,7 @@ def smoke_rows(out: Path, name: str) -> list[dict[str, str]]:
     ("ablation", "steps to reach plain Lion's final loss"),
     ("anytime", "| budget | AdamW cosine (best lr)"),
     ("large", "LionSF's final loss minus AdamW cosine's"),
+    ("precision", "| bytes / parameter (params + state) |"),
 ])
 def test_study_smoke_writes_tables_plot_and_scales(study, heading, tmp_path):
     proc = script("bench_convergence.py", "--study", study, "--smoke", "--workers", "1", "--out", str(tmp_path))
@@ -83,6 +85,25 @@ def test_large_study_has_four_times_the_parameters():
     small, large = bench.parse([]), bench.parse(["--study", "large"])
     count = lambda a: sum(p.numel() for p in bench.GPT(a.layers, a.width, a.heads, a.block).parameters())
     assert 3.8 < count(large) / count(small) < 4.2 and large.seeds == 1 and small.seeds == 3
+
+
+def test_precision_study_runs_what_its_rows_say():
+    args = bench.parse(["--study", "precision", "--smoke"])
+    configs = {c.name: c for c in bench.study_configs("precision", 8)}
+    expected = {  # (parameter dtype, exp_avg dtype, stochastic rounding, bytes of both per parameter)
+        "fp32 params, fp32 state": (torch.float32, torch.float32, False, 8),
+        "fp32 params, bf16 state": (torch.float32, torch.bfloat16, False, 6),
+        "bf16 params, bf16 state, nearest": (torch.bfloat16, torch.bfloat16, False, 4),
+        "bf16 params, bf16 state, stochastic": (torch.bfloat16, torch.bfloat16, True, 4),
+    }
+    assert configs.keys() == expected.keys()
+    for name, (param_dtype, state_dtype, stochastic, size) in expected.items():
+        run = bench.Run(configs[name], 1e-3, 0, args, (torch.zeros(4000, dtype=torch.long),) * 2)
+        list(run.train(1))
+        p = next(run.model.parameters())
+        assert (p.dtype, run.opt.state[p]["exp_avg"].dtype, run.opt.stochastic_rounding) == (
+            param_dtype, state_dtype, stochastic), name
+        assert bench.state_bytes_per_param(configs[name], args) == size
 
 
 def test_lionsf_flag_reaches_the_lionsf_runs_only():
