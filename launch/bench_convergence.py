@@ -19,7 +19,8 @@ and several seeds, on the same data order:
   the width), ``--seeds`` 1 unless given.
 - ``precision``: LionSF with fp32 parameters and state; fp32 parameters and bf16 state
   (``state_dtype``); bf16 parameters and state (no fp32 master copy), rounded to nearest and
-  with ``stochastic_rounding``. Reports bytes per parameter of parameters + state for each.
+  with ``stochastic_rounding``; all at the fp32 best lr (no sweep). Reports bytes per parameter
+  of parameters + state for each.
 
 LionSF's parameters are in two param groups (matrices, and biases / norm weights), so
 ``agreement="group"`` differs from ``"global"``; the other unit types do not depend on it.
@@ -137,7 +138,7 @@ def study_configs(study: str, steps: int, lionsf_options: Optional[dict[str, Any
         return [Config("LionSF", "LionSF", (1e-3, 2e-3, 4e-3), options),
                 Config("AdamW cosine", "AdamW cosine", (3e-3, 6e-3, 1.2e-2))]
     if study == "precision":
-        lrs, bf16 = (1e-3, 2e-3, 4e-3), torch.bfloat16
+        lrs, bf16 = (2e-3,), torch.bfloat16  # LionSF's best in fp32 (convergence study): only precision changes
         return [Config("fp32 params, fp32 state", "LionSF", lrs, options),
                 Config("fp32 params, bf16 state", "LionSF", lrs, options + (("state_dtype", bf16),)),
                 Config("bf16 params, bf16 state, nearest", "LionSF", lrs, options, dtype=bf16),
@@ -312,8 +313,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lionsf", nargs="+", default=[], metavar="KEY=VALUE",
                     help="LionSF options of the LionSF runs of convergence / anytime / large (default: "
                          "agreement=module pow=1), e.g. the ablation's best: --lionsf agreement=tensor pow=2")
-    ap.add_argument("--max-widen", type=int, default=3,
-                    help="lrs a sweep may add past an edge while its best is there, before reporting it at the edge")
+    ap.add_argument("--max-widen", type=int,
+                    help="lrs a sweep may add past an edge while its best is there, before reporting it at the edge "
+                         "(default 3; 0 for --study precision, which runs one lr)")
     ap.add_argument("--workers", type=int, default=2, help="configurations trained at once, one process each")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--out", type=Path, help="default runs/STUDY")
@@ -327,6 +329,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.eval_batches, args.data_bytes, args.max_widen = 1, 300_000, 1
         args.seeds, args.eval_every = default(args.seeds, 2), default(args.eval_every, 2)
     args.seeds = default(args.seeds, 1 if args.study == "large" else 3)
+    args.max_widen = default(args.max_widen, 0 if args.study == "precision" else 3)
     args.eval_every = default(args.eval_every, 25 if args.study == "anytime" else 50)
     args.out = default(args.out, Path("runs") / args.study)
     if args.study == "large":
@@ -675,19 +678,20 @@ def state_bytes_per_param(config: Config, args: argparse.Namespace) -> float:
 
 def report_precision(args: argparse.Namespace, configs: list[Config], curves: Curves,
                      _restarts: dict[str, Curve], meta: dict) -> None:
-    """Final loss at each precision's best lr, beside its bytes per parameter."""
+    """Final loss of each precision at the same lr, beside its bytes per parameter."""
     lines = header(args, "LionSF in low precision", meta)
-    lines += ["| parameters, state, rounding | bytes / parameter (params + state) | lrs run | best lr "
-              "| final val loss (mean ± sd) |", "|---|---:|---|---:|---:|"]
+    lines += ["| parameters, state, rounding | bytes / parameter (params + state) | lr | final val loss (mean ± sd) "
+              "| minus fp32's |", "|---|---:|---:|---:|---:|"]
+    baseline = statistics.mean(final(curves[(configs[0].name, best_lr(curves, configs[0].name))]))
     for c in configs:
-        lr, lrs = best_lr(curves, c.name), lrs_of(curves, c.name)
-        edge = " (edge)" if lr in (lrs[0], lrs[-1]) else ""
-        lines.append(f"| {c.name} | {state_bytes_per_param(c, args):g} | {', '.join(f'{x:g}' for x in lrs)} "
-                     f"| {lr:g}{edge} | {mean_sd(final(curves[(c.name, lr)]))} |")
+        lr = best_lr(curves, c.name)
+        runs = final(curves[(c.name, lr)])
+        lines.append(f"| {c.name} | {state_bytes_per_param(c, args):g} | {lr:g} | {mean_sd(runs)} "
+                     f"| {statistics.mean(runs) - baseline:+.4f} |")
     lines += ["", "Gradients add the parameters' size again (4 or 2 bytes). The loss is computed in fp32 from "
-              "the logits in every run.", "", "## Every run", ""] + sweep_table(curves, configs)
+              "the logits in every run."]
     fig, (a,) = figure(1)
-    plot_best(a, curves, [c.name for c in configs], "best lr of each, mean ± sd over seeds")
+    plot_best(a, curves, [c.name for c in configs], "mean ± sd over seeds")
     a.set_ylim(top=min(3.5, a.get_ylim()[1]))
     save(args, lines, fig)
 

@@ -406,7 +406,8 @@ class LionSF(Optimizer):
             if any(s.index is None or s.param_id < 0 for s in live):
                 raise ValueError(
                     "stochastic_rounding needs each element's place in its logical parameter; this "
-                    "layout does not give it (DTensor placements other than Shard/Replicate?)"
+                    "layout does not give it (a DTensor whose local shard is not one block of the "
+                    "parameter, such as rows interleaved by a lone _StridedShard)"
                 )
             rounding = Rounding(
                 self.rounding_seed, 0, [s.param_id for s in live], [s.index for s in live if s.index is not None]

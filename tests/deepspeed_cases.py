@@ -83,6 +83,12 @@ class Case:
     replay: bool = False  # log the full tensors LionSF saw at each step, for a bitwise replay
     ema: bool = False  # agreement_ema
     poison: Optional[int] = None  # the step at which one gradient element of "0.weight" is +inf
+    sr: bool = False  # bf16 exp_avg, stored with stochastic rounding
+
+    def options(self) -> dict[str, Any]:
+        """LionSF's keyword arguments beyond lr for this case (but the route's groups)."""
+        rounding = dict(state_dtype=torch.bfloat16, stochastic_rounding=True) if self.sr else {}
+        return dict(agreement=self.agreement, agreement_ema=self.ema, **rounding)
 
     @property
     def first_step(self) -> int:
@@ -142,7 +148,11 @@ CASES = [
 REPLAYS = [Case("z1_bf16", 1, bf16=True, replay=True), Case("z2_bf16_rr_offload", 2, bf16=True, replay=True,
                                                              round_robin=True, offload=True),
            Case("z3_bf16_subgroups", 3, bf16=True, replay=True, sub_group_size=8),
-           Case("z3_fp32_subgroups_replay", 3, replay=True, sub_group_size=8)]
+           Case("z3_fp32_subgroups_replay", 3, replay=True, sub_group_size=8),
+           # bf16 exp_avg rounded stochastically: the bits must follow the logical element, not the partition
+           Case("z1_sr_bf16_state", 1, replay=True, sr=True, agreement="tensor"),
+           Case("z2_sr_bf16_state_rr", 2, replay=True, sr=True, round_robin=True),
+           Case("z3_sr_bf16_state_subgroups", 3, replay=True, sr=True, sub_group_size=8)]
 CONTROLS = [Case("z2_local_counts", 2, local_counts=True), Case("z3_local_counts", 3, local_counts=True,
                                                                  sub_group_size=8)]
 ACCELERATE = [Case("z2_accelerate", 2, route="accelerate"), Case("z2_accelerate_plain", 2, route="accelerate_plain")]

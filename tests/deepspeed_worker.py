@@ -48,8 +48,7 @@ def build(case: Case, world: int) -> tuple[Any, Any]:
             model=model, model_parameters=param_groups(model, case.two_groups),
             optimizer=lambda params: LionSF(params, lr=HYPER[0]["lr"], agreement=case.agreement), config=cfg)
     else:
-        opt = LionSF(param_groups(model, case.two_groups), lr=HYPER[0]["lr"], agreement=case.agreement,
-                     agreement_ema=case.ema)
+        opt = LionSF(param_groups(model, case.two_groups), lr=HYPER[0]["lr"], **case.options())
         if case.route == "prestepped":
             x, y = batch(0)
             loss_of(model, x, y).backward()

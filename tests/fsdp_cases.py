@@ -31,14 +31,6 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "bf16_sr": {"agreement": "tensor", "state_dtype": torch.bfloat16, "stochastic_rounding": True},
 }
 WITHOUT_REFERENCE = ("bf16_sr",)
-# Layouts whose shards are not one block of the logical tensor (FSDP2 over tensor parallelism
-# shards with strided placements): stochastic rounding refuses them with an error for now.
-STRIDED_LAYOUTS = ("tp_fsdp",)
-
-
-def runs(layout: str, option: str) -> bool:
-    """Whether ``option`` runs on ``layout``."""
-    return not (OPTIONS[option].get("stochastic_rounding") and layout in STRIDED_LAYOUTS)
 BAD_STEP = STEPS - 1  # in "nonfinite" runs, this step's a.weight gradient has an Inf in its last row
 NO_GRAD = ("b.bias", 1)  # this parameter has no gradient at this step
 

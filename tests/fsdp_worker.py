@@ -13,13 +13,13 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
-from torch.distributed.tensor import DTensor, Partial
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Partial, distribute_tensor
 
 import lion_sf_dist.optimizer as optimizer_module
 from lion_sf_dist import LionSF
 from tests.fsdp_accelerate import accelerate_case
-from tests.fsdp_cases import BAD_STEP, NAMES, OPTIONS, STEPS, full_grads, make_optimizer, runs, tiny_model
+from tests.fsdp_cases import BAD_STEP, NAMES, OPTIONS, STEPS, full_grads, make_optimizer, tiny_model
 from tests.fsdp_layouts import Meshes, build, describe, fsdp2_model, full, layouts, set_grads, tp_fsdp_model
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
@@ -124,6 +124,25 @@ def partial_grad_error(meshes: Meshes) -> str:
     return ""
 
 
+def interleaved_shard_rounding(meshes: Meshes) -> dict[str, object]:
+    """A placement whose local rows are not one block of the parameter (``_StridedShard`` alone
+    interleaves them): stochastic rounding must refuse it; the plain step still runs."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    full = torch.arange(24, dtype=torch.float32).view(8, 3) / 24
+    p = nn.Parameter(distribute_tensor(full, meshes.flat, [_StridedShard(0, split_factor=2)], src_data_rank=None))
+    out: dict[str, object] = {"rows": (p.to_local()[:, 0] * 8).round().int().tolist()}
+    for rounding in (True, False):
+        opt = LionSF([("w", p)], lr=1e-2, state_dtype=torch.bfloat16, stochastic_rounding=rounding)
+        p.grad = distribute_tensor(torch.ones(8, 3), meshes.flat, p.placements, src_data_rank=None)
+        try:
+            opt.step()
+            out[rounding] = ""
+        except ValueError as e:
+            out[rounding] = str(e)
+    return out
+
+
 def swapped(meshes: Meshes, option: str) -> dict:
     """Accelerate's FSDP2 ``prepare`` by hand: build on full parameters, step once, shard, swap, go on.
 
@@ -199,8 +218,7 @@ def all_cases(rank: int, world: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for layout in layouts(world):
         for option in OPTIONS:
-            if runs(layout, option):
-                out[("equal", layout, option)] = run_case(layout, option, meshes)
+            out[("equal", layout, option)] = run_case(layout, option, meshes)
     if world > 1:
         for option in ("tensor", "global"):
             out[("control", "fsdp2", option)] = run_case("fsdp2", option, meshes, control=True)
@@ -218,6 +236,7 @@ def all_cases(rank: int, world: int) -> dict[str, Any]:
     if world == 2:
         out[("fsdp1",)] = fsdp1_refused(meshes)
         out[("partial",)] = partial_grad_error(meshes)
+        out[("interleaved",)] = interleaved_shard_rounding(meshes)
         out[("accelerate", "module")] = _accelerate_or_why(rank, world)
     return out
 

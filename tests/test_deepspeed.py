@@ -183,23 +183,37 @@ def test_bitwise_replay_of_what_lionsf_was_handed(world: int, case: Case) -> Non
     """
     log = results(world)[0][case.name]["replays"]
     assert len(log) == STEPS
-    scales = []
-    for before, after in log:
-        model = make_model()
-        opt = LionSF(param_groups(model, case.two_groups), lr=HYPER[0]["lr"], agreement=case.agreement)
-        named = dict(model.named_parameters())
-        assert before.keys() == named.keys()
-        for name, t in before.items():
-            p = named[name]
-            p.data.copy_(t["p"].view(t["shape"]))
-            p.grad = t["g"].view(t["shape"]).clone()
-            opt.state[p]["exp_avg"].copy_(t["m"].view(t["shape"]))
-        opt.step()
-        scales.append(opt.last_scale)
-        for name, t in after.items():
-            assert torch.equal(named[name].detach().view(-1), t["p"]), name
-            assert torch.equal(opt.state[named[name]]["exp_avg"].view(-1), t["m"]), name
+    scales, nearest_differs = [], False
+    for step, (before, after) in enumerate(log):
+        for rounding in (True, False) if case.sr else (True,):
+            opt, named = _replayed(case, before, step, rounding)
+            if rounding:
+                scales.append(opt.last_scale)
+            for name, t in after.items():
+                same = (torch.equal(named[name].detach().view(-1), t["p"])
+                        and torch.equal(opt.state[named[name]]["exp_avg"].float().view(-1), t["m"]))
+                assert same or not rounding, f"step {step}: {name}"
+                nearest_differs |= not same
     assert any((s < 1).any() for s in scales), "every unit fully agreed: the replay could not tell counts apart"
+    if case.sr:
+        assert nearest_differs, "rounding to nearest gave the same bits: the replay could not tell rounding apart"
+
+
+def _replayed(case: Case, before: dict, step: int, stochastic: bool) -> tuple[LionSF, dict[str, torch.Tensor]]:
+    """One process's LionSF (the case's options; its ``step``-th rounded step) stepped on the logged tensors."""
+    model = make_model()
+    options = {**case.options(), "stochastic_rounding": stochastic and case.sr}
+    opt = LionSF(param_groups(model, case.two_groups), lr=HYPER[0]["lr"], **options)
+    opt.rounding_step = step
+    named = dict(model.named_parameters())
+    assert before.keys() == named.keys()
+    for name, t in before.items():
+        p = named[name]
+        p.data.copy_(t["p"].view(t["shape"]))
+        p.grad = t["g"].view(t["shape"]).clone()
+        opt.state[p]["exp_avg"].copy_(t["m"].view(t["shape"]))
+    opt.step()
+    return opt, named
 
 
 @pytest.mark.parametrize("case", RESUMES, ids=[c.name for c in RESUMES])

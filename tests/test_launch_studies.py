@@ -62,7 +62,7 @@ def smoke_rows(out: Path, name: str) -> list[dict[str, str]]:
     ("ablation", "steps to reach plain Lion's final loss"),
     ("anytime", "| budget | AdamW cosine (best lr)"),
     ("large", "LionSF's final loss minus AdamW cosine's"),
-    ("precision", "| bytes / parameter (params + state) |"),
+    ("precision", "| bytes / parameter (params + state) | lr |"),
 ])
 def test_study_smoke_writes_tables_plot_and_scales(study, heading, tmp_path):
     proc = script("bench_convergence.py", "--study", study, "--smoke", "--workers", "1", "--out", str(tmp_path))

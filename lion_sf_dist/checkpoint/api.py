@@ -333,7 +333,7 @@ def _quiet_single_process() -> Iterator[None]:
         yield
 
 
-def _open(path: Path) -> tuple[Path, dict[str, Any], bytes, Optional[dict[str, str]]]:
+def _open(path: Path) -> tuple[Path, dict[str, Any], bytes, Optional[checksum.Checksums]]:
     """Rank 0: the checkpoint, its verified ``meta.json`` and ``extra.pt``, and the manifest's checksums."""
     ckpt = store.resolve(path)
     sums = store.verify(ckpt)

@@ -60,6 +60,7 @@ class ParamLayout:
     def __init__(self) -> None:
         self._seen: list[Tensor] = []
         self.state_dtype: Optional[torch.dtype] = None
+        self._indexes: dict[tuple, Optional[IndexMap]] = {}  # by (shape, mesh, placements): the probe runs once
 
     def init_state(
         self, param_groups: ParamGroups, state: State, original: Sequence[Sequence[Optional[Tensor]]], units: Units
@@ -84,6 +85,12 @@ class ParamLayout:
     def forget(self) -> None:
         """Check the held tensors against the state again at the next :meth:`init_state` (after a load)."""
         self._seen = []
+
+    def _index(self, p: DTensor) -> Optional[IndexMap]:
+        key = (p.shape, p.device_mesh, p.placements)
+        if key not in self._indexes:
+            self._indexes[key] = shard_index(p)
+        return self._indexes[key]
 
     def segments(self, param_groups: ParamGroups, state: State, units: Units) -> list[Segment]:
         """One segment per parameter that has a gradient.
@@ -125,7 +132,7 @@ class ParamLayout:
                             process_group,
                             counted,
                             position,
-                            shard_index(p),
+                            self._index(p),
                         )
                     )
                 else:
@@ -161,9 +168,36 @@ def _follow(old: Optional[Tensor], p: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def shard_index(p: DTensor) -> Optional[IndexMap]:
-    """Where ``p``'s local shard sits in the logical parameter, when it is one block (``Shard``/``Replicate``
-    placements); ``None`` for other placements (strided shards of FSDP2 with tensor parallelism)."""
-    if not all(isinstance(pl, (Shard, Replicate)) and type(pl) in (Shard, Replicate) for pl in p.placements):
-        return None
+    """Where ``p``'s local shard sits in the logical parameter, or ``None`` when it is not one block.
+
+    ``Shard``/``Replicate`` placements give one block by construction. Other placements
+    (the ``_StridedShard`` of FSDP2 over tensor parallelism) go through the same offset
+    computation, which is then checked against DTensor's own split of a coordinate probe
+    (:func:`_is_block`): a placement whose local elements are not one block is refused.
+    """
     local_shape, offsets = local_shape_and_offset(p)
-    return IndexMap.shard(p.shape, local_shape, offsets)
+    if all(type(pl) in (Shard, Replicate) for pl in p.placements) or _is_block(p, local_shape, offsets):
+        return IndexMap.shard(p.shape, local_shape, offsets)
+    return None
+
+
+def _is_block(p: DTensor, local_shape: tuple[int, ...], offsets: tuple[int, ...]) -> bool:
+    """Whether DTensor puts ``p``'s local element ``(i_0, ..., i_k)`` at logical ``(offsets[d] + i_d)_d``.
+
+    For each dim, a tensor holding its coordinate along that dim (an expanded view: no
+    logical-size memory) is split as ``p`` is, without communication, and compared with the
+    coordinates the block would have.
+    """
+    local = p.to_local()
+    if tuple(local.shape) != tuple(local_shape):
+        return False
+    for d, size in enumerate(p.shape):
+        along = [1] * p.dim()
+        along[d] = size
+        probe = torch.arange(size, device=local.device).view(along).expand(p.shape)
+        got = distribute_tensor(probe, p.device_mesh, p.placements, src_data_rank=None).to_local()
+        along[d] = local_shape[d]
+        want = torch.arange(offsets[d], offsets[d] + local_shape[d], device=local.device).view(along)
+        if not torch.equal(got, want.expand(local_shape)):
+            return False
+    return True
