@@ -46,9 +46,9 @@ def _pair_step(compiled: Kernel, eager: Kernel, state: dict, idx: list[int], b1:
 @pytest.mark.parametrize("batch", [1, 4], ids=["cpu-batches", "gpu-batches"])
 def test_changing_betas_and_tensor_sets_compile_within_a_bound(monkeypatch, batch):
     """CPU calls take one tensor; GPU calls several, the last batch padded with dummies (run here on CPU)."""
-    monkeypatch.setattr(kernel, "COMPILE_BATCH", {"cpu": batch})
-    monkeypatch.setattr(kernel, "_variants", {"count": set(), "apply": set()})
-    monkeypatch.setattr(kernel, "MAX_COMPILED_VARIANTS", 2)
+    monkeypatch.setattr(kernel.compiled, "COMPILE_BATCH", {"cpu": batch})
+    monkeypatch.setattr(kernel.compiled, "_variants", {"count": set(), "apply": set()})
+    monkeypatch.setattr(kernel.compiled, "MAX_COMPILED_VARIANTS", 2)
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=gen) for s in SHAPES]
     state = {k: [t.clone() * (0.1 if k[0] == "m" else 1.0) for t in init] for k in ("pc", "mc", "pe", "me")}
@@ -67,12 +67,12 @@ def test_changing_betas_and_tensor_sets_compile_within_a_bound(monkeypatch, batc
             _pair_step(compiled, eager, state, [0, 1, 3], 0.9, 0.99, gen, dtype=torch.bfloat16)
     fallbacks = [w for w in caught if issubclass(w.category, RuntimeWarning) and "eager path" in str(w.message)]
     assert len(fallbacks) == 1, [str(w.message) for w in caught]
-    assert len(kernel._variants["apply"]) == 2
+    assert len(kernel.compiled._variants["apply"]) == 2
 
 
 def test_dynamo_recompile_limit_falls_back_to_eager(monkeypatch):
     """Should dynamo refuse to compile (its limit hit through graphs we did not predict), the step runs eagerly."""
-    monkeypatch.setattr(kernel, "_variants", {"count": set(), "apply": set()})
+    monkeypatch.setattr(kernel.compiled, "_variants", {"count": set(), "apply": set()})
 
     def refuse(fn, **kwargs):
         def run(*args):

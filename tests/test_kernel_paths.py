@@ -140,8 +140,8 @@ def test_compiled_path_options_fit_the_device(monkeypatch):
     """``cpp.dynamic_threads`` is a CPU-only inductor option: it must not reach other devices."""
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw.get("options")) or fn)
-    kernel._compile(kernel._compiled_count, torch.device("cpu"))
-    kernel._compile(kernel._compiled_count, torch.device("meta"))
+    kernel.compiled._compile(kernel.compiled._compiled_count, torch.device("cpu"))
+    kernel.compiled._compile(kernel.compiled._compiled_count, torch.device("meta"))
     assert seen == [{"cpp.dynamic_threads": True}, {}]
 
 

@@ -61,7 +61,7 @@ def test_bf16_arithmetic_is_caught(monkeypatch):
         p.mul_(decay).add_(u.mul_(step_size))
         m.mul_(torch.where(keep, beta2, 1.0)).add_(g.mul(keep).nan_to_num_(0.0, 0.0, 0.0), alpha=1.0 - beta2)
 
-    monkeypatch.setattr(kernel, "apply_update", apply_bf16)
+    monkeypatch.setattr(kernel.update, "apply_update", apply_bf16)
     opt, lib, ref = _run(torch.bfloat16, foreach=False)
     with pytest.raises(AssertionError, match="differs"):
         _assert_bitwise(opt, lib, ref)
@@ -117,8 +117,8 @@ def test_stochastic_rounding_is_unbiased(foreach):
 
 
 def test_nearest_where_stochastic_is_asked_is_caught(monkeypatch):
-    monkeypatch.setattr(kernel, "stochastic_bf16", lambda x, r: x)
-    monkeypatch.setattr(kernel, "_draw_fn", lambda rounding, seg, stream, start, shape: (lambda v: v))
+    monkeypatch.setattr(kernel.chunked, "stochastic_bf16", lambda x, r: x)
+    monkeypatch.setattr(kernel.chunked, "_draw_fn", lambda rounding, seg, stream, start, shape: (lambda v: v))
     stored, exact = _sr_step(Kernel(False), torch.ones(64, 64), grad_sign=-1.0, lr=2.0**-9)
     stderr = (2.0**-7) * (0.25 * 0.75 / stored.numel()) ** 0.5
     assert abs(stored.float().mean().item() - exact.mean().item()) > 5 * stderr
@@ -127,7 +127,7 @@ def test_nearest_where_stochastic_is_asked_is_caught(monkeypatch):
 def _sliced_step(foreach: bool, pieces: list[tuple[torch.Tensor, IndexMap]], full_p: torch.Tensor,
                  full_g: torch.Tensor, chunk: int, monkeypatch) -> torch.Tensor:
     """Step the logical bf16 tensor as the given local pieces (index into the full tensor, map), reassemble it."""
-    monkeypatch.setattr(kernel, "CHUNK", chunk)
+    monkeypatch.setattr(kernel.chunked, "CHUNK", chunk)
     kern = Kernel(False, foreach=foreach)
     ps = [full_p[ix].clone().contiguous() for ix, _ in pieces]
     ms = [torch.zeros_like(p) for p in ps]

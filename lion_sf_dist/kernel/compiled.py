@@ -1,0 +1,324 @@
+"""The compiled path (``use_triton=True``): batches of tensors through ``torch.compile``-d calls.
+
+One fused loop per tensor (Triton on GPU, C++ on CPU) with no temporaries: the maths of
+:mod:`lion_sf_dist.kernel.update`, traced. Betas come as tensors and sizes are dynamic, so a
+change of betas or of the set of tensors does not recompile; a new kind of batch past
+:data:`MAX_COMPILED_VARIANTS` runs on the eager path instead, with one warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from lion_sf_dist._torch_private import no_duck_shapes, recompile_limit_hit
+from lion_sf_dist.devices import to_device
+from lion_sf_dist.kernel import update
+from lion_sf_dist.kernel.tensors import Views, by_key, detached_flat, flat
+from lion_sf_dist.kernel.update import F32
+from lion_sf_dist.rounding import IndexMap, Rounding, random16, stochastic_bf16
+
+# Tensors per compiled call, by device type. Sizes are dynamic and tensors flat, so one
+# graph serves every batch of one dtype pattern: compile time is that of one batch, whatever
+# the model, and a model whose set of tensors changes (frozen layers, MoE) keeps its graphs.
+# On CPU one tensor per call: the 144-tensor bench model compiles cold in 12-15 s and steps
+# at 1.8x AdamW(fused); graphs of 4 or 8 tensors generated loops several times slower here
+# (5x AdamW fused) and compiled for 50-80 s. On GPUs a call's guards (~80 us) cost host
+# time the kernels do not hide, so calls carry 8 tensors (not measured on a GPU yet).
+COMPILE_BATCH = {"cpu": 1}
+DEFAULT_COMPILE_BATCH = 8
+
+
+def compile_batch(device: torch.device) -> int:
+    """Tensors per compiled call on ``device``."""
+    return COMPILE_BATCH.get(device.type, DEFAULT_COMPILE_BATCH)
+
+
+# Distinct compiled graphs per function and process (dtype patterns, with/without rounding).
+# Dynamo keeps at most ``recompile_limit`` (8 in torch 2.13) and with ``fullgraph=True``
+# raises past it; staying below leaves room for graphs dynamo splits on guards we do not predict.
+MAX_COMPILED_VARIANTS = 4
+_variants: dict[str, set] = {"count": set(), "apply": set()}
+
+
+def _compiled_count(ms: list[Tensor], gs: list[Tensor], coefs: Tensor, take: Tensor) -> Tensor:
+    """``[K, 2]`` counts of every ``(m, g)``; ``coefs[take[i]] = (b1, 1 - b1, b2, 1 - b2)`` in float32.
+
+    (The per-segment tables come whole with the batch's rows ``take``: indexing inside the
+    graph costs nothing, outside it an op per call.)
+    """
+    coefs = coefs[take]
+    return torch.stack(
+        [update.count_agreement(flat(m), flat(g), (coefs[i, 0], coefs[i, 1])) for i, (m, g) in enumerate(zip(ms, gs))]
+    )
+
+
+def _compiled_apply(
+    ps: list[Tensor],
+    ms: list[Tensor],
+    gs: list[Tensor],
+    step_size: Tensor,
+    decay: Tensor,
+    keep: Tensor,
+    coefs: Tensor,
+    keys: Optional[Tensor],
+    where: Optional[Tensor],
+    take: Tensor,
+) -> None:
+    """``update.apply_update`` of every tensor; with ``keys`` (``[K, 2]``) stochastic rounding. All
+    tables come whole, with the batch's rows ``take``.
+
+    ``where[i] = (base, outer stride, inner stride, inner size)``: local flat position ``j``
+    is logical element ``base + (j // inner size) * outer stride + (j % inner size) * inner stride``
+    (an :class:`IndexMap` of at most two merged dims, as tensors so that no offset is compiled in).
+    """
+    step_size, decay, keep, coefs = step_size[take], decay[take], keep[take], coefs[take]
+    keys = None if keys is None else keys[take]
+    where = None if where is None else where[take]
+    for i, (p, m, g) in enumerate(zip(ps, ms, gs)):
+        pf, mf, gf = flat(p), flat(m), flat(g)
+        draws = None
+        if keys is not None and where is not None:
+            j = torch.arange(p.numel(), device=p.device)
+            base, outer, inner, size = where[i].unbind()
+            positions = (base + (j // size) * outer + (j % size) * inner).view(pf.shape)
+            draws = (_bits_draw(keys[i, 0], positions), _bits_draw(keys[i, 1], positions))
+        update.apply_update(
+            pf,
+            mf,
+            gf,
+            step_size[i],
+            decay[i],
+            keep[i],
+            (coefs[i, 0], coefs[i, 1]),
+            (coefs[i, 2], coefs[i, 3]),
+            draws=draws,
+        )
+
+
+def _bits_draw(key: Tensor, positions: Tensor) -> Callable[[Tensor], Tensor]:
+    def draw(value: Tensor) -> Tensor:
+        return stochastic_bf16(value, random16(key, positions))
+
+    return draw
+
+
+def _compile(fn: Callable, device: torch.device) -> Callable:
+    """``torch.compile`` of a batch function, with options that fit ``device``.
+
+    ``cpp.dynamic_threads`` (CPU only: inductor's C++ backend) keeps every CPU loop
+    parallel; inductor otherwise left small ones on one thread.
+    """
+    options: dict[str, str | int | bool | Callable[..., Any]] = {}
+    if device.type == "cpu":
+        options["cpp.dynamic_threads"] = True
+    return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
+
+
+def _index_rows(index: Sequence[IndexMap]) -> Optional[list[tuple[int, int, int, int]]]:
+    """``where`` rows for :func:`_compiled_apply`, or ``None`` when a map has more than two merged dims."""
+    rows = []
+    for imap in index:
+        if len(imap.sizes) == 1:
+            rows.append((imap.base, 0, imap.strides[0], max(imap.sizes[0], 1)))
+        elif len(imap.sizes) == 2:
+            rows.append((imap.base, imap.strides[0], imap.strides[1], imap.sizes[1]))
+        else:
+            return None
+    return rows
+
+
+class _Batches:
+    """How one step's tensors are cut into compiled calls: tensors sharing dtypes, layout and size class
+    (0, 1, more elements: dynamo specialises sizes 0 and 1) in batches of :func:`compile_batch`, the last
+    one padded with small dummy tensors (step 0, kept unchanged). Index tensors live on the device."""
+
+    def __init__(self, lists: Sequence[Sequence[Tensor]], device: torch.device) -> None:
+        n = len(lists[0])
+        size = compile_batch(device)
+        kinds = [tuple(_batch_kind(t) for t in ts) for ts in zip(*lists)]
+        self.batches: list[tuple[tuple, list[int]]] = []
+        for kind, idx in by_key(kinds).items():
+            for start in range(0, len(idx), size):
+                part = idx[start : start + size]
+                self.batches.append((kind, part + [n] * (size - len(part))))
+        flat = [i for _, part in self.batches for i in part]
+        inverse = [0] * n
+        for pos, i in enumerate(flat):
+            if i < n:
+                inverse[i] = pos
+        self.take = [to_device(torch.tensor(part, dtype=torch.int64), device) for _, part in self.batches]
+        self.inverse = to_device(torch.tensor(inverse, dtype=torch.int64), device)
+        # distinct dummies per slot: dynamo guards on aliasing, repeated tensors would be a graph of their own
+        self.dummies = {
+            kind: [
+                [torch.zeros((numel,) if dense else (numel,) * dim, dtype=dtype, device=device) for _ in range(size)]
+                for dtype, dense, numel, dim in kind
+            ]
+            for kind, _ in self.batches
+        }
+
+    def lists(self, b: int, *tensor_lists: Sequence[Tensor]) -> list[list[Tensor]]:
+        """The ``b``-th batch of each (already flat and detached) list, padded with the batch's dummies."""
+        kind, part = self.batches[b]
+        dummies = self.dummies[kind]
+        return [
+            [ts[i] if i < len(ts) else dummies[k][slot] for slot, i in enumerate(part)]
+            for k, ts in enumerate(tensor_lists)
+        ]
+
+
+def _batch_kind(t: Tensor) -> tuple:
+    """What a compiled graph is specialised on: dtype, size class (dynamo specialises sizes 0 and 1) and, for
+    tensors that cannot be passed flat (non-contiguous), their rank."""
+    dense = t.is_contiguous()
+    return (t.dtype, dense, min(t.numel(), 2), 1 if dense else t.dim())
+
+
+def _padded(values: Tensor, fill: float | bool) -> Tensor:
+    """``values`` with one more row (``fill``) for the dummies to index."""
+    return torch.cat((values, torch.full((1, *values.shape[1:]), fill, dtype=values.dtype, device=values.device)))
+
+
+class CompiledKernel:
+    """The compiled path's state: its compiled functions, batch plan, per-segment tables and flat views.
+
+    :meth:`count` and :meth:`apply` return ``None`` / ``False`` when they did nothing (a new
+    kind of batch past :data:`MAX_COMPILED_VARIANTS`, or dynamo refusing to compile), and
+    the caller runs an eager path instead.
+    """
+
+    def __init__(self) -> None:
+        self._compiled: dict[tuple[str, str], Callable] = {}
+        self._coefs: Optional[tuple[tuple, Tensor]] = None
+        self._batches: Optional[tuple[tuple, _Batches]] = None
+        self._where: Optional[tuple[tuple, Optional[Tensor]]] = None
+        self._views = Views()
+        self._warned = False
+
+    def count(self, ms: Sequence[Tensor], gs: Sequence[Tensor], beta1s: Sequence[float]) -> Optional[Tensor]:
+        """``[S, 2]`` counts as the eager paths give them, or ``None`` (nothing ran) when a batch cannot be compiled."""
+        device = ms[0].device
+        plan = self._plan((ms, gs), device)
+        coefs = self._coef_tensor(beta1s, beta1s, device, padded=True)
+        ms, gs = self._views.persistent(ms), detached_flat(gs)
+        parts = []
+        with no_duck_shapes():  # once per step: the config patch costs as much as a compiled call's guards
+            for b, take in enumerate(plan.take):
+                fn = self._compiled_fn("count", _compiled_count, plan.batches[b][0], False, device)
+                if fn is None:
+                    return None
+                done, rows = fn(*plan.lists(b, ms, gs), coefs, take)
+                if not done:
+                    return None
+                parts.append(rows)
+        return torch.cat(parts)[plan.inverse]
+
+    def apply(
+        self,
+        ps: Sequence[Tensor],
+        ms: Sequence[Tensor],
+        gs: Sequence[Tensor],
+        step_size: Tensor,
+        decay: Tensor,
+        keep: Tensor,
+        beta1s: Sequence[float],
+        beta2s: Sequence[float],
+        rounding: Optional[Rounding],
+    ) -> bool:
+        """Run the compiled apply; ``False`` (nothing done) when a batch cannot be compiled."""
+        device = ps[0].device
+        plan = self._plan((ps, ms, gs), device)
+        where = self._where_tensor(rounding, device) if rounding is not None else None
+        if rounding is not None and where is None:
+            return False  # a shard layout of more than two merged dims: the eager paths handle any
+        fns = []
+        for kind, _ in plan.batches:
+            fn = self._compiled_fn("apply", _compiled_apply, kind, rounding is not None, device)
+            if fn is None:
+                return False
+            fns.append(fn)
+        coefs = self._coef_tensor(beta1s, beta2s, device, padded=True)
+        step_size, decay, keep = _padded(step_size, 0.0), _padded(decay, 1.0), _padded(keep, False)
+        keys = _padded(rounding.keys(), 0) if rounding is not None else None
+        self._views.forget_unused([*ps, *ms])
+        lists = self._views.persistent(ps), self._views.persistent(ms), detached_flat(gs)
+        with no_duck_shapes():
+            for b, (fn, take) in enumerate(zip(fns, plan.take)):
+                done, _ = fn(*plan.lists(b, *lists), step_size, decay, keep, coefs, keys, where, take)
+                if not done:  # only the first batch can fail (a new graph): nothing was written yet
+                    if b:
+                        raise RuntimeError("LionSF's compiled kernel failed after part of the step was applied")
+                    return False
+        return True
+
+    def _plan(self, lists: tuple[Sequence[Tensor], ...], device: torch.device) -> _Batches:
+        key = (device, tuple(_batch_kind(t) for ts in lists for t in ts))
+        if self._batches is None or self._batches[0] != key:
+            self._batches = (key, _Batches(lists, device))
+        return self._batches[1]
+
+    def _where_tensor(self, rounding: Rounding, device: torch.device) -> Optional[Tensor]:
+        key = (rounding.index, device)
+        if self._where is None or self._where[0] != key:
+            rows = _index_rows(rounding.index)
+            where = None if rows is None else _padded(to_device(torch.tensor(rows, dtype=torch.int64), device), 1)
+            self._where = (key, where)
+        return self._where[1]
+
+    def _coef_tensor(
+        self, beta1s: Sequence[float], beta2s: Sequence[float], device: torch.device, padded: bool = False
+    ) -> Tensor:
+        """``[S, 4]`` float32 ``(b1, 1 - b1, b2, 1 - b2)`` on ``device`` (``padded``: and a zero row for dummies),
+        rebuilt only when the betas change."""
+        key = (tuple(beta1s), tuple(beta2s), device, padded)
+        if self._coefs is None or self._coefs[0] != key:
+            rows = [(b1, 1.0 - b1, b2, 1.0 - b2) for b1, b2 in zip(beta1s, beta2s)] + ([(0.0,) * 4] if padded else [])
+            host = torch.tensor(rows, dtype=torch.float64).to(F32)
+            self._coefs = (key, to_device(host, device))
+        return self._coefs[1]
+
+    def _compiled_fn(
+        self, kind: str, fn: Callable, layout: tuple, rounding: bool, device: torch.device
+    ) -> Optional[Callable]:
+        """The compiled ``fn``, or ``None`` (eager) for a new variant once the variant budget is spent."""
+        variant = (device.type, layout, rounding)
+        seen = _variants[kind]
+        if variant not in seen:
+            if len(seen) >= MAX_COMPILED_VARIANTS:
+                self._warn_fallback()
+                return None
+            seen.add(variant)
+        key = (kind, device.type)
+        if key not in self._compiled:
+            self._compiled[key] = _guarded(_compile(fn, device), self)
+        return self._compiled[key]
+
+    def _warn_fallback(self) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"LionSF(use_triton=True): more than {MAX_COMPILED_VARIANTS} kinds of tensor batches (dtypes, layouts, "
+                "rounding) were compiled in this process; new kinds now run on the eager path, with the same maths, "
+                "instead of compiling again",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
+def _guarded(compiled: Callable, kernel: CompiledKernel) -> Callable[..., tuple[bool, object]]:
+    """``(True, compiled(*args))``, or ``(False, None)`` when dynamo's recompile limit was hit through graphs we
+    did not predict (the caller then runs the eager path; nothing ran). Callers run it without duck shaping
+    (sizes get their own symbols), so batches whose tensors happen to share a size share the graph."""
+
+    def run(*args: object) -> tuple[bool, object]:
+        try:
+            return True, compiled(*args)
+        except recompile_limit_hit():
+            kernel._warn_fallback()
+            return False, None
+
+    return run

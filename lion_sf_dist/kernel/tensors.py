@@ -1,0 +1,70 @@
+"""Helpers the multi-tensor and compiled paths share: grouping by key, and flat views that last across steps."""
+
+from __future__ import annotations
+
+from typing import Any, Hashable, Sequence
+
+from torch import Tensor
+
+
+def flat(t: Tensor) -> Tensor:
+    """A 1-D view when ``t`` is contiguous (every tensor then shares one generated loop), else ``t``."""
+    return t.view(-1) if t.is_contiguous() else t
+
+
+def by_key(keys: Sequence[Hashable]) -> dict[Any, list[int]]:
+    """Positions sharing a key, in order of first appearance."""
+    out: dict[Any, list[int]] = {}
+    for i, k in enumerate(keys):
+        out.setdefault(k, []).append(i)
+    return out
+
+
+def pick(xs: Sequence, idx: Sequence[int]) -> list:
+    return [xs[i] for i in idx]
+
+
+class Views:
+    """Flat, detached views of tensors that persist from step to step (parameters, ``exp_avg``).
+
+    Keyed by where the elements live, not by the tensor object: ``DTensor.to_local()``
+    returns a new alias each step. A remembered view keeps its storage alive, so no other
+    tensor can later appear at the same address. Non-contiguous tensors are only detached.
+    """
+
+    def __init__(self) -> None:
+        self._views: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def flat(self, t: Tensor) -> Tensor:
+        key = _where_in_memory(t)
+        hit = self._views.get(key)
+        if hit is not None:
+            return hit[1]
+        view = flat(t).detach()
+        self._views[key] = (t, view)
+        return view
+
+    def persistent(self, ts: Sequence[Tensor]) -> list[Tensor]:
+        """:meth:`flat` of each of ``ts``."""
+        return [self.flat(t) for t in ts]
+
+    def forget_unused(self, live: Sequence[Tensor]) -> None:
+        keys = set(map(_where_in_memory, live))
+        if any(k not in keys for k in self._views):
+            self._views = {k: v for k, v in self._views.items() if k in keys}
+
+
+def detached_flat(ts: Sequence[Tensor]) -> list[Tensor]:
+    """Flat (when contiguous) detached views of tensors that change every step (gradients).
+
+    Compiled calls take tensors flat and detached (same storage, no ``_base``): dynamo
+    guards on a view's base, which would make views of differently shaped parameters, and
+    the dummies, graphs of their own.
+    """
+    return [flat(t).detach() for t in ts]
+
+
+def _where_in_memory(t: Tensor) -> tuple:
+    """Identifies the elements ``t`` views: address, layout, dtype (meta tensors have no address: their identity)."""
+    address = id(t) if t.device.type == "meta" else t.data_ptr()
+    return (t.device, t.dtype, address, tuple(t.shape), t.stride())

@@ -1,0 +1,155 @@
+"""The LionSF update rule: the only place its arithmetic is written.
+
+Three pure stages on local tensors (no process groups, no DTensor, no DeepSpeed):
+
+* :func:`count_agreement` -- per tensor (or chunk), ``A``: elements whose Lion update
+  agrees in sign with the gradient, and whether any gradient element is NaN or Inf.
+* :func:`scales_from_counts` -- from the (globally reduced) per-unit counts ``[A, N, P]``,
+  the float32 agreement, the scale ``s_U`` and whether the unit steps at all.
+* :func:`apply_update` -- per tensor, weight decay, the scaled signed step and the
+  momentum update, in place, leaving a skipped unit bit-for-bit unchanged.
+
+Whatever the dtype of ``p``, ``g`` and ``exp_avg`` (float32, bfloat16, float16), the
+arithmetic runs in float32 and each result is rounded once when stored (see
+docs/CONTRACT.md section 11): to nearest, or through a ``draw`` that rounds stochastically
+(:mod:`lion_sf_dist.rounding`). For float32 tensors the stored values are those of the
+float32 expressions themselves. The chunked and compiled paths call these functions; the
+multi-tensor path (:mod:`lion_sf_dist.kernel.multi_tensor`) writes the same expressions
+with ``torch._foreach_*`` ops, and the tests hold it bitwise to these.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+# Eager counts are float32 sums of zeros and ones: exact up to this many elements.
+EXACT_FLOAT_COUNT = 1 << 24
+F32 = torch.float32
+Draw = Callable[[Tensor], Tensor]
+
+
+def _f32(t: Tensor) -> Tensor:
+    """``t`` itself when float32 (no copy), else an exact float32 copy."""
+    return t if t.dtype == F32 else t.float()
+
+
+def _interp(m32: Tensor, g32: Tensor, beta: float | tuple[Tensor, Tensor]) -> Tensor:
+    """``m * b + g * (1 - b)`` as a new float32 tensor.
+
+    Eager ``beta`` is a float and this is ``m.mul(b).add_(g, alpha=1 - b)`` (the rounding
+    docs/CONTRACT.md pins); compiled it is ``(b, 1 - b)`` as 0-d tensors (both rounded from
+    float64 on the host, as ``alpha`` is), so a change of betas needs no recompilation.
+    """
+    if isinstance(beta, tuple):
+        b, one_minus_b = beta
+        return m32 * b + g32 * one_minus_b
+    return m32.mul(beta).add_(g32, alpha=1.0 - beta)
+
+
+def _momentum(m32: Tensor, g32: Tensor, keep: Tensor, beta: float | tuple[Tensor, Tensor]) -> Tensor:
+    """``m * b + g * (1 - b)`` in place on float32 ``m32`` where ``keep``; ``m32`` unchanged otherwise."""
+    if isinstance(beta, tuple):
+        b, one_minus_b = beta
+        return m32.mul_(torch.where(keep, b, 1.0)).add_(torch.where(keep, g32, 0.0) * one_minus_b)
+    return m32.mul_(torch.where(keep, beta, 1.0)).add_(_zeroed_unless(keep, g32), alpha=1.0 - beta)
+
+
+def count_agreement(m: Tensor, g: Tensor, beta1: float | tuple[Tensor, Tensor]) -> Tensor:
+    """``[A, P]`` (int64) for one tensor (eager: of at most ``2**24`` elements).
+
+    ``A = #(sign(m * b1 + g * (1 - b1)) * g > 0)``, exactly, in float32 whatever the
+    dtypes; ``P > 0`` exactly when ``g`` holds a NaN or an Inf (``g * 0`` is 0 for every
+    finite value, NaN otherwise).
+    """
+    g32 = _f32(g)
+    u = _interp(_f32(m), g32, beta1).sign_()
+    if torch.compiler.is_compiling():  # fused integer reductions
+        return torch.stack(((u.mul_(g32) > 0).sum(), (g.mul(0.0) != 0).sum()))
+    # Eager CPU comparisons and isfinite cost several times more than arithmetic; a float32
+    # sum of zeros and ones is exact up to 2**24 elements, hence the caller's chunks.
+    agree = u.mul_(g32).sign_().clamp_(min=0.0).sum(dtype=torch.float32)
+    poisoned = g.mul(0.0).sum(dtype=torch.float32).isnan()
+    return torch.stack((agree.to(torch.int64), poisoned.to(torch.int64)))
+
+
+def apply_update(
+    p: Tensor,
+    m: Tensor,
+    g: Tensor,
+    step_size: Tensor,
+    decay: Tensor,
+    keep: Tensor,
+    beta1: float | tuple[Tensor, Tensor],
+    beta2: float | tuple[Tensor, Tensor],
+    draws: Optional[tuple[Optional[Draw], Optional[Draw]]] = None,
+) -> None:
+    """One LionSF step of one tensor, in place, computed in float32.
+
+    ``step_size = -lr * s_U`` and ``decay = 1 - lr * wd_eff`` are 0-d float32 tensors and
+    ``keep`` a 0-d bool. A skipped unit (``keep`` false) gets ``step_size = 0`` and
+    ``decay = 1`` from the caller; here its gradient becomes zeros and its momentum decay
+    1, so ``p`` and ``m`` keep their values even when ``g`` holds NaN or Inf (``sign``
+    maps NaN to 0). ``draws`` (for ``p`` and ``m``): turn a float32 result into the
+    stochastically rounded float32 value to store, or ``None`` to round to nearest.
+    """
+    g32 = _f32(g)
+    m32 = _f32(m)
+    u = _interp(m32, g32, beta1).sign_()
+    p32 = _f32(p).mul_(decay).add_(u.mul_(step_size))
+    _momentum(m32, g32, keep, beta2)
+    draw_p, draw_m = draws if draws is not None else (None, None)
+    _store(p, p32, draw_p)
+    _store(m, m32, draw_m)
+
+
+def _store(dst: Tensor, value: Tensor, draw: Optional[Draw]) -> None:
+    """Write the float32 ``value`` into ``dst``: nothing to do when it is ``dst``, else one rounding."""
+    if value is dst:
+        return
+    dst.copy_(draw(value) if draw is not None and dst.dtype == torch.bfloat16 else value)
+
+
+def _zeroed_unless(keep: Tensor, g: Tensor) -> Tensor:
+    """``g`` where ``keep`` else zeros, NaN and Inf included.
+
+    Compiled, a select is a free blend; eager, a multiply and ``nan_to_num`` cost a third
+    of ``torch.where`` with a 0-d condition on CPU.
+    """
+    if torch.compiler.is_compiling():
+        return torch.where(keep, g, 0.0)
+    return g.mul(keep).nan_to_num_(0.0, 0.0, 0.0)
+
+
+def scales_from_counts(
+    totals: Tensor,
+    pow: float,
+    negative: str,
+    ema: Tensor | None = None,
+    ema_betas: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-unit ``(agreement, scale, keep)`` from reduced counts ``totals[U, 3] = [A, N, P]``.
+
+    ``P`` counts pieces with a non-finite gradient.
+
+    ``agreement = 2 * A / N - 1`` in float32; ``scale = |agreement| ** pow`` (``negative="abs"``)
+    or ``max(agreement, 0) ** pow`` (``"clamp"``). A unit steps (``keep``) when it has elements
+    and no non-finite gradient; otherwise its scale is 0. With ``ema`` (see docs/CONTRACT.md)
+    the scale uses ``b1 * ema + (1 - b1) * agreement`` and ``ema`` is advanced in place for
+    the units that step.
+    """
+    agree, n, poisoned = totals.unbind(1)
+    keep = (n > 0) & (poisoned == 0)
+    frac = agree.to(torch.float32) / n.clamp(min=1).to(torch.float32)
+    agreement = frac * 2.0 - 1.0
+    signal = agreement
+    if ema is not None:
+        assert ema_betas is not None, "an agreement average comes with its betas"
+        b1, b2 = ema_betas
+        signal = ema * b1 + agreement * (1.0 - b1)
+        ema.copy_(torch.where(keep, ema * b2 + agreement * (1.0 - b2), ema))
+    base = signal.abs() if negative == "abs" else signal.clamp(min=0.0)
+    scale = torch.where(keep, base.pow(pow), torch.zeros_like(base))
+    return agreement, scale, keep
