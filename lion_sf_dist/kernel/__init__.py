@@ -21,7 +21,7 @@ from torch import Tensor
 from lion_sf_dist.kernel import chunked
 from lion_sf_dist.kernel.compiled import CompiledKernel
 from lion_sf_dist.kernel.multi_tensor import MultiTensorKernel
-from lion_sf_dist.kernel.update import apply_update, count_agreement, scales_from_counts
+from lion_sf_dist.kernel.update import StepValues, apply_update, count_agreement, scales_from_counts
 from lion_sf_dist.rounding import Rounding
 
 __all__ = ["Kernel", "apply_update", "count_agreement", "scales_from_counts"]
@@ -78,14 +78,13 @@ class Kernel:
 
         ``rounding``: stochastic rounding of bfloat16 ``p`` and ``exp_avg`` (else to nearest).
         """
-        if self._compiled is not None and self._compiled.apply(
-            ps, ms, gs, step_size, decay, keep, beta1s, beta2s, rounding
-        ):
+        values = StepValues(step_size, decay, keep, beta1s, beta2s, rounding)
+        if self._compiled is not None and self._compiled.apply(ps, ms, gs, values):
             return
         multi = self._multi_tensor(ps[0].device)
         if multi is not None:
-            multi.apply(ps, ms, gs, step_size, decay, keep, beta1s, beta2s, rounding)
+            multi.apply(ps, ms, gs, values)
             return
-        chunked.apply(ps, ms, gs, step_size, decay, keep, beta1s, beta2s, rounding)
+        chunked.apply(ps, ms, gs, values)
 
     # -- compiled ---------------------------------------------------------------------

@@ -61,19 +61,15 @@ def apply(
     ps: Sequence[Tensor],
     ms: Sequence[Tensor],
     gs: Sequence[Tensor],
-    step_size: Tensor,
-    decay: Tensor,
-    keep: Tensor,
-    beta1s: Sequence[float],
-    beta2s: Sequence[float],
-    rounding: Optional[Rounding],
+    values: update.StepValues,
     only: Optional[Sequence[int]] = None,
 ) -> None:
     """:func:`~lion_sf_dist.kernel.update.apply_update` chunk by chunk on segments ``only`` (default: all)."""
-    a_all, d_all, k_all = step_size.unbind(), decay.unbind(), keep.unbind()
+    a_all, d_all, k_all = values.step_size.unbind(), values.decay.unbind(), values.keep.unbind()
+    rounding = values.rounding
     for i in range(len(ps)) if only is None else only:
         for start, (pc, mc, gc) in _flat_chunks(CHUNK, ps[i], ms[i], gs[i]):
-            args = (pc, mc, gc, a_all[i], d_all[i], k_all[i], beta1s[i], beta2s[i])
+            args = (pc, mc, gc, a_all[i], d_all[i], k_all[i], values.beta1s[i], values.beta2s[i])
             if rounding is None:
                 update.apply_update(*args)  # positional only: tests swap in variants with the plain signature
             else:

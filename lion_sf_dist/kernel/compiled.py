@@ -18,7 +18,7 @@ from lion_sf_dist._torch_private import no_duck_shapes, recompile_limit_hit
 from lion_sf_dist.devices import to_device
 from lion_sf_dist.kernel import update
 from lion_sf_dist.kernel.tensors import Views, by_key, detached_flat, flat
-from lion_sf_dist.kernel.update import F32
+from lion_sf_dist.kernel.update import F32, StepValues
 from lion_sf_dist.rounding import IndexMap, Rounding, random16, stochastic_bf16
 
 # Tensors per compiled call, by device type. Sizes are dynamic and tensors flat, so one
@@ -222,14 +222,10 @@ class CompiledKernel:
         ps: Sequence[Tensor],
         ms: Sequence[Tensor],
         gs: Sequence[Tensor],
-        step_size: Tensor,
-        decay: Tensor,
-        keep: Tensor,
-        beta1s: Sequence[float],
-        beta2s: Sequence[float],
-        rounding: Optional[Rounding],
+        values: StepValues,
     ) -> bool:
         """Run the compiled apply; ``False`` (nothing done) when a batch cannot be compiled."""
+        rounding = values.rounding
         device = ps[0].device
         plan = self._plan((ps, ms, gs), device)
         where = self._where_tensor(rounding, device) if rounding is not None else None
@@ -241,8 +237,8 @@ class CompiledKernel:
             if fn is None:
                 return False
             fns.append(fn)
-        coefs = self._coef_tensor(beta1s, beta2s, device, padded=True)
-        step_size, decay, keep = _padded(step_size, 0.0), _padded(decay, 1.0), _padded(keep, False)
+        coefs = self._coef_tensor(values.beta1s, values.beta2s, device, padded=True)
+        step_size, decay, keep = _padded(values.step_size, 0.0), _padded(values.decay, 1.0), _padded(values.keep, False)
         keys = _padded(rounding.keys(), 0) if rounding is not None else None
         self._views.forget_unused([*ps, *ms])
         lists = self._views.persistent(ps), self._views.persistent(ms), detached_flat(gs)

@@ -11,7 +11,7 @@ from lion_sf_dist._torch_private import chunk_cat
 from lion_sf_dist.devices import to_device
 from lion_sf_dist.kernel import chunked
 from lion_sf_dist.kernel.tensors import Views, by_key, pick
-from lion_sf_dist.kernel.update import F32
+from lion_sf_dist.kernel.update import F32, StepValues
 from lion_sf_dist.rounding import Rounding, stochastic_bf16
 
 
@@ -87,20 +87,15 @@ class MultiTensorKernel:
         ps: Sequence[Tensor],
         ms: Sequence[Tensor],
         gs: Sequence[Tensor],
-        step_size: Tensor,
-        decay: Tensor,
-        keep: Tensor,
-        beta1s: Sequence[float],
-        beta2s: Sequence[float],
-        rounding: Optional[Rounding],
+        values: StepValues,
     ) -> None:
         n = len(ps)
         device = ps[0].device
         dense = [i for i in range(n) if ps[i].is_contiguous() and ms[i].is_contiguous() and gs[i].is_contiguous()]
         if len(dense) < n:
-            chunked.apply(
-                ps, ms, gs, step_size, decay, keep, beta1s, beta2s, rounding, only=sorted(set(range(n)) - set(dense))
-            )
+            chunked.apply(ps, ms, gs, values, only=sorted(set(range(n)) - set(dense)))
+        step_size, decay, keep, rounding = values.step_size, values.decay, values.keep, values.rounding
+        beta1s, beta2s = values.beta1s, values.beta2s
         if not dense:
             return
         self.views.forget_unused([*ps, *ms])

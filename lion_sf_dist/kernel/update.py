@@ -20,15 +20,35 @@ with ``torch._foreach_*`` ops, and the tests hold it bitwise to these.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from lion_sf_dist.rounding import Rounding
 
 # Eager counts are float32 sums of zeros and ones: exact up to this many elements.
 EXACT_FLOAT_COUNT = 1 << 24
 F32 = torch.float32
 Draw = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class StepValues:
+    """One step's per-segment values: entry ``i`` of each belongs to the ``i``-th ``(p, m, g)``.
+
+    ``step_size = -lr * s_U`` and ``decay = 1 - lr * wd_eff`` (float32) and ``keep`` (bool)
+    live on the tensors' device; the betas are host floats; ``rounding`` rounds bfloat16
+    destinations stochastically (``None``: to nearest).
+    """
+
+    step_size: Tensor
+    decay: Tensor
+    keep: Tensor
+    beta1s: Sequence[float]
+    beta2s: Sequence[float]
+    rounding: Optional[Rounding] = None
 
 
 def _f32(t: Tensor) -> Tensor:
