@@ -13,16 +13,20 @@ import pickle
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 
 from lion_sf_dist import checkpoint
-from lion_sf_dist.checkpoint import checksum, store
+from lion_sf_dist.checkpoint import checksum, store, verification
 from lion_sf_dist.checkpoint.storage import METADATA, uncovered
+from lion_sf_dist.checkpoint.verification import Verification
 from tests import checkpoint_safety_worker as worker
 from tests.checkpoint_cases import Tiny, assert_same, full_state, make_optimizer, train
 from tests.harness import run
@@ -74,23 +78,167 @@ def test_malicious_metadata_is_refused_and_its_code_never_runs(tmp_path: Path) -
     assert_same(full_state(fresh, fresh_opt), before, "after a refused load")
 
 
-def _as_crc32(ckpt: Path) -> None:
-    """Rewrite the manifest as the first format did: CRC-32, eight hex digits per file."""
+def _blocks_reference(data: bytes, block: int) -> str:
+    """The block checksum as the docs define it, written out: XXH3-64 of the blocks' XXH3-64 digests."""
+    return xxhash.xxh3_64(b"".join(xxhash.xxh3_64(data[i:i + block]).digest()
+                                   for i in range(0, len(data), block))).hexdigest()
+
+
+_OLDER_FORMATS = {
+    "crc32": lambda data: f"{zlib.crc32(data):08x}",  # the first format: eight hex digits
+    "xxh3-64": lambda data: xxhash.xxh3_64(data).hexdigest(),  # one hash over the whole file
+}
+
+
+def _as_format(ckpt: Path, algorithm: str) -> None:
+    """Rewrite the manifest as an earlier format recorded it."""
     manifest = json.loads((ckpt / store.MANIFEST).read_text())
-    manifest["checksum"] = "crc32"
-    manifest["checksums"] = {n: f"{zlib.crc32((ckpt / n).read_bytes()):08x}" for n in manifest["checksums"]}
+    manifest["checksum"] = algorithm
+    manifest["checksums"] = {n: _OLDER_FORMATS[algorithm]((ckpt / n).read_bytes()) for n in manifest["checksums"]}
     (ckpt / store.MANIFEST).write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("algorithm", ["xxh3-64", "crc32"])
-def test_one_float_overwritten_with_1e30_is_named(tmp_path: Path, algorithm: str) -> None:
+@pytest.mark.parametrize("block", [None, 1000])
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096 + 5])
+def test_block_checksum_streamed_and_parallel_equal_the_definition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   size: int, block: int | None) -> None:
+    block = block or 4096
+    monkeypatch.setattr(checksum, "BLOCK", block)
+    monkeypatch.setattr(checksum, "cores", lambda: 3)
+    data = os.urandom(size)
+    streamed = checksum.new()
+    for i in range(0, size, 777):  # writes that straddle block boundaries
+        streamed.update(data[i:i + 777])
+    (tmp_path / "f").write_bytes(data)
+    expected = _blocks_reference(data, block)
+    assert streamed.hexdigest() == expected
+    assert checksum.file_checksum(tmp_path / "f") == expected
+    assert expected != xxhash.xxh3_64(data).hexdigest() or size <= block  # not the whole-file hash in disguise
+
+
+def test_block_checksum_sees_two_blocks_swapped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checksum, "BLOCK", 64)
+    a, b = os.urandom(64), os.urandom(64)
+    (tmp_path / "ab").write_bytes(a + b)
+    (tmp_path / "ba").write_bytes(b + a)
+    assert checksum.file_checksum(tmp_path / "ab") != checksum.file_checksum(tmp_path / "ba")
+
+
+def test_files_checksums_reports_each_unreadable_file_and_hashes_the_rest(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checksum, "BLOCK", 100)
+    data = os.urandom(1000)
+    (tmp_path / "ok").write_bytes(data)
+    out = checksum.files_checksums([tmp_path / "gone", tmp_path / "ok", tmp_path / "gone2"])
+    assert isinstance(out[0], FileNotFoundError) and isinstance(out[2], FileNotFoundError)
+    assert out[1] == _blocks_reference(data, 100)
+
+
+@pytest.mark.parametrize("algorithm", sorted(checksum.READABLE))
+def test_checksum_of_an_empty_file(tmp_path: Path, algorithm: str) -> None:
+    (tmp_path / "empty").write_bytes(b"")
+    expected = _blocks_reference(b"", 4096) if algorithm == checksum.ALGORITHM else _OLDER_FORMATS[algorithm](b"")
+    assert checksum.file_checksum(tmp_path / "empty", algorithm) == expected
+
+
+def _manifested(tmp_path: Path, files: dict[str, bytes]) -> checksum.Checksums:
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return checksum.Checksums(checksum.ALGORITHM, checksum.checksums(tmp_path, sorted(files)))
+
+
+def test_verification_checks_files_started_early_and_files_never_started(tmp_path: Path) -> None:
+    sums = _manifested(tmp_path, {"early": os.urandom(5000), "late": os.urandom(3000)})
+    (tmp_path / "late").write_bytes(os.urandom(3000))  # changed after the manifest: same size
+    check = Verification(tmp_path, sums)
+    check.start(["early", "not-listed"])  # unlisted names are not hashed here: check() names them
+    try:
+        check.check(["early"])
+        with pytest.raises(checkpoint.CheckpointCorruptError, match="file 'late' is corrupt"):
+            check.check(["early", "late"])
+        with pytest.raises(checkpoint.CheckpointCorruptError, match="file 'not-listed' is not in the manifest"):
+            check.check(["not-listed"])
+    finally:
+        check.close()
+
+
+class _NeverRuns(Future):
+    def result(self, timeout=None):
+        raise AssertionError("waited for a background job that no thread runs")
+
+
+class _IdlePool:
+    """A pool whose threads never start a job: whatever is checked must be hashed by the checking thread."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def submit(self, fn):
+        return _NeverRuns()
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+def test_verification_runs_the_jobs_no_background_thread_began(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checksum, "BLOCK", 512)
+    monkeypatch.setattr(verification, "ThreadPoolExecutor", _IdlePool)
+    sums = _manifested(tmp_path, {"a": os.urandom(5000), "b": os.urandom(700)})
+    data = bytearray((tmp_path / "b").read_bytes())
+    data[600] ^= 1  # in b's second block
+    (tmp_path / "b").write_bytes(bytes(data))
+    check = Verification(tmp_path, sums)
+    check.start(["a", "b"])
+    try:
+        check.check(["a"])
+        with pytest.raises(checkpoint.CheckpointCorruptError, match="file 'b' is corrupt"):
+            check.check(["b"])
+    finally:
+        check.close()
+
+
+def test_verification_started_early_sees_a_change_made_before_the_check(tmp_path: Path) -> None:
+    sums = _manifested(tmp_path, {"f": os.urandom(5000)})
+    (tmp_path / "f").unlink()
+    check = Verification(tmp_path, sums)
+    check.start(["f"])
+    try:
+        with pytest.raises(checkpoint.CheckpointCorruptError, match="file 'f' is unreadable.*No such file"):
+            check.check(["f"])
+    finally:
+        check.close()
+
+
+def test_load_hashes_shards_before_checking_the_model_and_a_failed_load_leaves_no_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = checkpoint.save(tmp_path, *_trained())
+    started: list[list[str]] = []
+    real_start = Verification.start
+    monkeypatch.setattr(Verification, "start", lambda self, names: started.append(names) or real_start(self, names))
+    wrong = Tiny(seed=3, out=4)  # b has 4 rows, the checkpoint 3
+    try:
+        checkpoint.load(tmp_path, wrong, make_optimizer(wrong))
+    except checkpoint.ModelMismatchError:  # the failed load's frames (and its reader) are still alive here
+        hashing = [t for t in threading.enumerate() if t.name.startswith("lion_sf_dist-verify")]
+    else:
+        pytest.fail("a model of another shape was loaded")
+    shards = sorted(f.name for f in ckpt.glob("*.distcp"))
+    assert started == [[store.META, store.EXTRA], shards]  # the shards begun before the model was checked
+    assert not hashing, "the background hashing outlived the load"
+
+
+@pytest.mark.parametrize("algorithm", [checksum.ALGORITHM, "xxh3-64", "crc32"])
+def test_one_float_overwritten_with_1e30_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  algorithm: str) -> None:
+    monkeypatch.setattr(checksum, "BLOCK", 256)  # the shard file: several blocks, hashed on several threads
     model, opt = _trained()
     ckpt = checkpoint.save(tmp_path, model, opt)
-    if algorithm == "crc32":
-        _as_crc32(ckpt)
+    if algorithm != checksum.ALGORITHM:
+        _as_format(ckpt, algorithm)
     assert json.loads((ckpt / store.MANIFEST).read_text())["checksum"] == algorithm
     shard = next(ckpt.glob("*.distcp"))
     data = bytearray(shard.read_bytes())
+    assert len(data) > 4 * checksum.BLOCK
     at = data.find(struct.pack("<f", model.a.weight[2, 3].item()))
     assert at > 0
     data[at:at + 4] = struct.pack("<f", 1e30)
@@ -102,12 +250,13 @@ def test_one_float_overwritten_with_1e30_is_named(tmp_path: Path, algorithm: str
     assert_same(full_state(fresh, fresh_opt), before, "after a refused load")
 
 
-def test_crc32_manifest_of_the_first_format_still_loads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("algorithm", sorted(_OLDER_FORMATS))
+def test_manifest_of_an_earlier_format_still_loads(tmp_path: Path, algorithm: str) -> None:
     model, opt = _trained()
-    _as_crc32(checkpoint.save(tmp_path, model, opt))
+    _as_format(checkpoint.save(tmp_path, model, opt), algorithm)
     fresh, fresh_opt = _fresh()
     checkpoint.load(tmp_path, fresh, fresh_opt)
-    assert_same(full_state(fresh, fresh_opt), full_state(model, opt), "crc32 manifest")
+    assert_same(full_state(fresh, fresh_opt), full_state(model, opt), f"{algorithm} manifest")
 
 
 def test_manifest_naming_an_unknown_checksum_is_refused(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from lion_sf_dist.checkpoint.collect import Snapshot, copied, dcp_state, optimiz
 from lion_sf_dist.checkpoint.errors import CheckpointCorruptError, CheckpointError, ModelMismatchError
 from lion_sf_dist.checkpoint.meta import HparamPolicy
 from lion_sf_dist.checkpoint.storage import METADATA, ChecksummingWriter, SafeReader
+from lion_sf_dist.checkpoint.verification import verify_files
 from lion_sf_dist.engines import is_deepspeed_engine, lionsf_of
 from lion_sf_dist.optimizer import LionSF
 
@@ -192,8 +193,13 @@ def verify(path: PathLike) -> Path:
     """
     ckpt, _, _, sums = _open(Path(path))
     SafeReader(ckpt, sums, f"checkpoint {str(ckpt)!r}").checked_metadata()
-    store.verify_files(ckpt, sorted(set(sums.of if sums else ()) - {METADATA, store.META, store.EXTRA}), sums)
+    verify_files(ckpt, _shard_files(sums), sums)
     return ckpt
+
+
+def _shard_files(sums: Optional[checksum.Checksums]) -> list[str]:
+    """The DCP shard files a manifest lists (none for a manifest without checksums)."""
+    return sorted(set(sums.of if sums else ()) - {METADATA, store.META, store.EXTRA})
 
 
 def load(
@@ -254,11 +260,16 @@ def load(
     where = f"checkpoint {str(ckpt)!r}"
     optimizer = optimizer_of(model, optimizer)
     hot = optimizer_state and optimizer is not None
-    snap, changes = comm.agree(lambda: _checked_snapshot(saved, model, optimizer, hot, hparams, where))
-    state = comm.agree(lambda: dcp_state(snap, optimizer_state=hot))
     reader = SafeReader(ckpt, sums, where)
-    extra = comm.agree(lambda: _checked_files(reader, extra_bytes, weights_only, where))
-    _read(state, reader, where)
+    try:
+        if comm.world_size() == 1:  # the only reader reads every shard: hash them while the model is checked
+            reader.start_verifying(_shard_files(sums))
+        snap, changes = comm.agree(lambda: _checked_snapshot(saved, model, optimizer, hot, hparams, where))
+        state = comm.agree(lambda: dcp_state(snap, optimizer_state=hot))
+        extra = comm.agree(lambda: _checked_files(reader, extra_bytes, weights_only, where))
+        _read(state, reader, where)
+    finally:
+        reader.close()
     _apply(snap, model, optimizer, hot, changes)
     if hot and isinstance(optimizer, LionSF):
         optimizer.rounding_step = int(saved["optimizer"].get("rounding_step", optimizer.rounding_step))
@@ -337,7 +348,7 @@ def _open(path: Path) -> tuple[Path, dict[str, Any], bytes, Optional[checksum.Ch
     """Rank 0: the checkpoint, its verified ``meta.json`` and ``extra.pt``, and the manifest's checksums."""
     ckpt = store.resolve(path)
     sums = store.verify(ckpt)
-    store.verify_files(ckpt, [store.META, store.EXTRA], sums)
+    verify_files(ckpt, [store.META, store.EXTRA], sums)
     try:
         saved = json.loads((ckpt / store.META).read_text())
     except (OSError, ValueError) as e:

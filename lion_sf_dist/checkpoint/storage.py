@@ -12,7 +12,9 @@
 - the shard files: before the first byte is copied into a tensor, every file this rank's
   plan reads is checked against the manifest's checksum, and all ranks agree (one small
   collective) that every rank's files are intact. So a corrupt or missing file fails the
-  load on every rank, naming the file, with the running model untouched.
+  load on every rank, naming the file, with the running model untouched. The hashing
+  starts in the background as soon as the files are known (the local plan, or
+  :meth:`SafeReader.start_verifying`), so it overlaps DCP's planning.
 
 Tensor data itself is read by DCP with ``torch.load(weights_only=True)``.
 """
@@ -34,8 +36,9 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, SavePlan, SavePlanner
 
 from lion_sf_dist import _torch_private
-from lion_sf_dist.checkpoint import checksum, comm, store
+from lion_sf_dist.checkpoint import checksum, comm
 from lion_sf_dist.checkpoint.errors import CheckpointCorruptError, UnsafeCheckpointError
+from lion_sf_dist.checkpoint.verification import Verification
 
 METADATA = ".metadata"  # the name DCP gives its global metadata file
 
@@ -190,6 +193,7 @@ class SafeReader(FileSystemReader):
         super().__init__(str(ckpt))
         self._ckpt = ckpt
         self._checksums = checksums
+        self._verification = Verification(ckpt, checksums)
         self._where = where
         self._group = group
         self._metadata: Optional[dcp_metadata.Metadata] = None
@@ -197,7 +201,7 @@ class SafeReader(FileSystemReader):
     def checked_metadata(self) -> dcp_metadata.Metadata:
         """The checkpoint's metadata, read once: checksum, allow-list, structure, files and coverage checked."""
         if self._metadata is None:
-            self._verify([METADATA])
+            self._verification.check([METADATA])
             md = read_metadata(self._ckpt / METADATA, self._where)
             if self._checksums is not None:
                 unlisted = sorted({i.relative_path for i in md.storage_data.values()} - set(self._checksums.of))
@@ -217,6 +221,15 @@ class SafeReader(FileSystemReader):
         md.storage_meta.load_id = self.load_id  # as FileSystemReader.read_metadata does
         return md
 
+    def start_verifying(self, names: list[str]) -> None:
+        """Begin hashing the files ``names``, which this rank will read, in the background."""
+        self._verification.start(names)
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        """DCP's entry point once this rank knows what it reads: the hashing of those files begins."""
+        self.start_verifying(self._files(plan))
+        return super().prepare_local_plan(plan)
+
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Any:
         """Verify every file this rank reads, agree with the other ranks, then let DCP read them."""
 
@@ -224,13 +237,17 @@ class SafeReader(FileSystemReader):
             wrong = [i.dest_index.fqn for i in plan.items if i.type != LoadItemType.TENSOR]
             if wrong:
                 raise UnsafeCheckpointError(f"{self._where}: entries {wrong} would be unpickled, not read as tensors")
-            self._verify(sorted({self.storage_data[i.storage_index].relative_path for i in plan.items}))
+            self._verification.check(self._files(plan))
 
         comm.agree(verify, self._group)
         return super().read_data(plan, planner)
 
-    def _verify(self, names: list[str]) -> None:
-        store.verify_files(self._ckpt, names, self._checksums)
+    def _files(self, plan: LoadPlan) -> list[str]:
+        return sorted({self.storage_data[i.storage_index].relative_path for i in plan.items})
+
+    def close(self) -> None:
+        """Wait for hashing still running in the background (after a load that failed before reading)."""
+        self._verification.close()
 
 
 class _HashingStream:

@@ -273,21 +273,3 @@ def verify(ckpt: Path) -> Optional[checksum.Checksums]:
             f"{sorted(checksum.READABLE)}"
         )
     return checksum.Checksums(algorithm, sums)
-
-
-def verify_files(ckpt: Path, names: list[str], sums: Optional[checksum.Checksums]) -> None:
-    """Raise :class:`CheckpointCorruptError` naming the first of ``names`` whose contents differ from ``sums``."""
-    if sums is None:
-        return
-    for name in names:
-        if name not in sums.of:
-            raise CheckpointCorruptError(f"checkpoint {str(ckpt)!r}: file {name!r} is not in the manifest")
-        try:
-            actual = checksum.file_checksum(ckpt / name, sums.algorithm)
-        except (OSError, ValueError) as e:
-            raise CheckpointCorruptError(f"checkpoint {str(ckpt)!r}: file {name!r} is unreadable ({e})") from e
-        if actual != sums.of[name]:
-            raise CheckpointCorruptError(
-                f"checkpoint {str(ckpt)!r}: file {name!r} is corrupt "
-                f"({sums.algorithm} {actual}, {sums.of[name]} written)"
-            )
