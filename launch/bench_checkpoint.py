@@ -9,21 +9,27 @@ seconds, and MB/s of the checkpoint's size on disk.
 
 The cost of checksums is measured side by side: save and load alternate with the same save
 and load with checksums switched off (hashing replaced by nothing, verification skipped),
-``--repeats`` times each, in alternating order; the fastest of each is compared.
+``--repeats`` times each, in alternating order; the fastest of each is compared. Since the
+difference of two noisy times is noisier still, the median of the paired ratios (each run
+against the one beside it) is printed too, and the time a load waits for its files'
+checksums (hashing starts early and overlaps the load's other work). ``--cold`` evicts the
+checkpoint from the page cache before each load, as a restart on another node finds it.
 
-    python launch/bench_checkpoint.py [--worlds 1 2 4] [--blocks 12] [--repeats 3] [--dir /tmp/ckpt_bench]
+    python launch/bench_checkpoint.py [--worlds 1 2 4] [--blocks 12] [--repeats 3] [--cold] [--dir /tmp/ckpt_bench]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import shutil
+import statistics
 import tempfile
 import time
-from typing import Iterator
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -31,7 +37,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from lion_sf_dist import LionSF, checkpoint
-from lion_sf_dist.checkpoint import checksum, store
+from lion_sf_dist.checkpoint import checksum
+from lion_sf_dist.checkpoint.verification import Verification
 
 
 class Block(nn.Module):
@@ -75,18 +82,52 @@ class _NoHash:
 
 
 @contextlib.contextmanager
-def _checksums_off() -> Iterator[None]:
-    """Saves record a dummy checksum and loads verify nothing: the baseline the cost is measured against."""
-    new, verify_files = checksum.new, store.verify_files
-    checksum.new = lambda algorithm=checksum.ALGORITHM: _NoHash()
-    store.verify_files = lambda *args: None
+def _verifying_timed(spent: list[float]) -> Iterator[None]:
+    """Adds the seconds this rank's load waits for its files' checksums to ``spent[-1]``."""
+    check = Verification.check
+
+    def timed(self: Verification, names: list[str]) -> None:
+        t0 = time.perf_counter()
+        try:
+            check(self, names)
+        finally:
+            spent[-1] += time.perf_counter() - t0
+
+    Verification.check = timed  # type: ignore[method-assign]
     try:
         yield
     finally:
-        checksum.new, store.verify_files = new, verify_files
+        Verification.check = check  # type: ignore[method-assign]
 
 
-def _rank(rank: int, world: int, blocks: int, repeats: int, root: str, rendezvous: str) -> None:
+@contextlib.contextmanager
+def _checksums_off() -> Iterator[None]:
+    """Saves record a dummy checksum and loads verify nothing: the baseline the cost is measured against."""
+    new, start, check = checksum.new, Verification.start, Verification.check
+    checksum.new = lambda algorithm=checksum.ALGORITHM: _NoHash()
+    Verification.start = Verification.check = lambda self, names: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        checksum.new, Verification.start, Verification.check = new, start, check  # type: ignore[method-assign]
+
+
+def _evict(root: str) -> None:
+    """Drop the newest checkpoint's files from the page cache, so the next load reads the disk."""
+    for f in checkpoint.latest(root).iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _paired(with_: list[float], without: list[float]) -> float:
+    """The median over repeats of each run's time against the run beside it: slow drift cancels."""
+    return statistics.median(a / b - 1 for a, b in zip(with_, without))
+
+
+def _rank(rank: int, world: int, blocks: int, repeats: int, cold: bool, root: str, rendezvous: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -99,12 +140,19 @@ def _rank(rank: int, world: int, blocks: int, repeats: int, root: str, rendezvou
     fully_shard(model, mesh=mesh)
     opt = _stepped(model)
     times: dict[tuple[str, bool], list[float]] = {(op, on): [] for op in ("save", "load") for on in (True, False)}
+    verifying: list[float] = []
     for i in range(repeats):
         for on in (i % 2 == 0, i % 2 == 1):  # alternate which goes first: the disk remembers the last write
-            with contextlib.nullcontext() if on else _checksums_off():
+            with _verifying_timed(verifying) if on else _checksums_off():
                 times["save", on].append(_timed(lambda: checkpoint.save(root, model, opt, keep=1), True))
+                verifying += [0.0] if on else []
+                if cold and rank == 0:
+                    _evict(root)
                 times["load", on].append(_timed(lambda: checkpoint.load(root, model, opt), True))
     (save, plain_save), (load, plain_load) = ((min(times[op, True]), min(times[op, False])) for op in ("save", "load"))
+    slowest = torch.tensor(verifying)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    verify = float(slowest.min())
     handle = []
     blocked = _timed(lambda: handle.append(checkpoint.save_async(root, model, opt)), True)
     background = _timed(lambda: handle[0].wait(), True)
@@ -116,6 +164,10 @@ def _rank(rank: int, world: int, blocks: int, repeats: int, root: str, rendezvou
               f"({save / plain_save - 1:+.1%}), load {load:.3f} s vs {plain_load:.3f} s without "
               f"({load / plain_load - 1:+.1%}), both {save + load:.3f} s vs {plain_save + plain_load:.3f} s "
               f"({(save + load) / (plain_save + plain_load) - 1:+.1%}); fastest of {repeats}", flush=True)
+        print(f"  paired medians: save {_paired(times['save', True], times['save', False]):+.1%}, "
+              f"load {_paired(times['load', True], times['load', False]):+.1%}; the load waited "
+              f"{verify:.3f} s for checksums (slowest rank, fastest run): the rest of the hashing overlapped "
+              f"its other work", flush=True)
     dist.destroy_process_group()
 
 
@@ -125,6 +177,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=12, help="12: 85M parameters")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=None)
+    parser.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache before each load")
     args = parser.parse_args()
     base = Path(args.dir or tempfile.mkdtemp(prefix="ckpt_bench"))
     n = sum(p.numel() for p in model_of(args.blocks).parameters())
@@ -132,11 +185,11 @@ def main() -> None:
     for world in args.worlds:
         root = base / f"w{world}"
         with tempfile.TemporaryDirectory() as tmp:
-            mp.start_processes(_rank, args=(world, args.blocks, args.repeats, str(root), f"{tmp}/store"), nprocs=world,
-                               start_method="spawn")
+            mp.start_processes(_rank, args=(world, args.blocks, args.repeats, args.cold, str(root), f"{tmp}/store"),
+                               nprocs=world, start_method="spawn")
         model = model_of(args.blocks)
         opt = LionSF(model.named_parameters(), lr=1e-4)
-        t = _timed(lambda: checkpoint.load(root, model, opt), False)
+        t = _timed(functools.partial(checkpoint.load, root, model, opt), False)
         print(f"  W={world} -> 1 process: load {t:.2f} s", flush=True)
     if args.dir is None:
         shutil.rmtree(base)

@@ -119,11 +119,12 @@ def _hashed(fd: int, start: int, stop: Optional[int], algorithm: str) -> Union[b
     if stop > start:
         aligned = start - start % mmap.ALLOCATIONGRANULARITY
         populate = getattr(mmap, "MAP_POPULATE", 0)  # Linux: map every page in one call, not one fault each
-        with mmap.mmap(fd, stop - aligned, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ,
-                       offset=aligned) as mapped:
+        with mmap.mmap(
+            fd, stop - aligned, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ, offset=aligned
+        ) as mapped:
             view = memoryview(mapped)
             try:
-                hasher.update(view[start - aligned:])
+                hasher.update(view[start - aligned :])
             finally:
                 view.release()
     return hasher.digest() if algorithm == ALGORITHM else hasher.hexdigest()  # type: ignore[attr-defined]
