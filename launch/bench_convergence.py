@@ -323,7 +323,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true",
                     help="a tiny model, 8 steps, 2 seeds and 300 kB of text: checks the script runs, measures nothing")
     args = ap.parse_args(argv)
-    default = lambda value, fallback: fallback if value is None else value  # an explicit 0 is an error below
+    def default(value, fallback):
+        return fallback if value is None else value  # an explicit 0 is an error below
     if args.smoke:
         args.steps, args.layers, args.width, args.heads, args.block, args.batch_size = 8, 1, 32, 2, 16, 4
         args.eval_batches, args.data_bytes, args.max_widen = 1, 300_000, 1
@@ -557,7 +558,8 @@ def report_convergence(args: argparse.Namespace, configs: list[Config], curves: 
               "| optimizer (best lr) | steps |", "|---|---:|"]
     lines += [f"| {name} ({best[name]:g}) | {steps_to(curve, target)} |" for name, curve in means.items()]
     lines += ["", "## Restart at half way", "",
-              "| run | val loss at half | worst after restart | spike | steps until back at the half-way loss | final |",
+              "| run | val loss at half | worst after restart | spike "
+              "| steps until back at the half-way loss | final |",
               "|---|---:|---:|---:|---:|---:|"]
     half = args.steps // 2
     for name, curve in restarts.items():

@@ -100,7 +100,9 @@ def count_table() -> None:
         "AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
         "AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
     }
-    heads = [f"{name} ({len(s)} tensors, {sum(torch.Size(x).numel() for x in s) / 1e6:.0f}M)" for name, s in models.items()]
+    heads = [
+        f"{name} ({len(s)} tensors, {sum(torch.Size(x).numel() for x in s) / 1e6:.0f}M)" for name, s in models.items()
+    ]
     print("| ops per steady-state step | " + " | ".join(heads) + " |")
     print("|---|" + "---:|" * len(models))
     notes = []
@@ -113,7 +115,8 @@ def count_table() -> None:
                 if "fused" not in str(err):
                     raise
                 cells.append(f"{steady_state_ops(make, [(1,)] * len(shapes), torch.device('cpu')):,} *")
-                note = "* counted on CPU with one-element tensors (fused AdamW does not run on meta); its count does not depend on sizes"
+                note = ("* counted on CPU with one-element tensors (fused AdamW does not run on meta); "
+                "its count does not depend on sizes")
                 if note not in notes:
                     notes.append(note)
         print(f"| {label} | " + " | ".join(cells) + " |")

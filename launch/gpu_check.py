@@ -56,7 +56,8 @@ def compare(device: torch.device) -> list[tuple[str, str, bool, str]]:
             total = sum(a.numel() for a in p)
             m_tol = 1e-6 if precision == "fp32" else 1e-2  # bf16 state: one bf16 ulp of |exp_avg| <= 1
             passed = m_dev <= m_tol and flips <= max(1, total // 1000)
-            rows.append((path, precision, passed, f"exp_avg max abs diff {m_dev:.2e}, params differing {flips}/{total}"))
+            detail = f"exp_avg max abs diff {m_dev:.2e}, params differing {flips}/{total}"
+            rows.append((path, precision, passed, detail))
     return rows
 
 
@@ -81,7 +82,8 @@ def host_not_blocked(device: torch.device) -> tuple[bool, str]:
     host = time.perf_counter() - t1
     torch.cuda.synchronize()
     busy = time.perf_counter() - t0
-    return host < 0.5 * (busy - queued), f"step() returned after {host * 1e3:.2f} ms while {busy * 1e3:.0f} ms of work ran"
+    detail = f"step() returned after {host * 1e3:.2f} ms while {busy * 1e3:.0f} ms of work ran"
+    return host < 0.5 * (busy - queued), detail
 
 
 def main() -> int:

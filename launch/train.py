@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import signal
 import sys
@@ -68,7 +67,8 @@ def stdlib_text(max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
             have[side] += len(data)
         if all(have[k] >= want[k] for k in want):
             break
-    as_tensor = lambda chunks: torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).long()
+    def as_tensor(chunks):
+        return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).long()
     return as_tensor(parts["train"]), as_tensor(parts["val"])
 
 

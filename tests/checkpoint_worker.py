@@ -120,7 +120,10 @@ def world2(rank: int, world: int, root4: str, root1: str, root_ddp: str, root_fs
     train(model, opt, range(STEPS, 2 * STEPS), rank, world)  # overlaps the write; must not leak into it
     handle.wait()
     out["async_loaded"] = load_fresh(root_fsdp2 + "_async", world)["state"]
-    out["errors"] = {"missing": _error_of(root_fsdp2 + "_nowhere", world), "truncated": _truncated_error(root_fsdp2, world)}
+    out["errors"] = {
+        "missing": _error_of(root_fsdp2 + "_nowhere", world),
+        "truncated": _truncated_error(root_fsdp2, world),
+    }
     dist.barrier()
     return out
 

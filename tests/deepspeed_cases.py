@@ -6,11 +6,10 @@ and the last bias has 1 element, fewer than the world size at W = 2, 3.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
-
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 

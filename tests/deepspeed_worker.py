@@ -16,7 +16,15 @@ import torch
 import torch.distributed as dist
 
 from tests.deepspeed_cases import (
-    HYPER, STEPS, Case, batch, launch_config, loss_of, make_model, param_groups, poison,
+    HYPER,
+    STEPS,
+    Case,
+    batch,
+    launch_config,
+    loss_of,
+    make_model,
+    param_groups,
+    poison,
 )
 
 
@@ -73,7 +81,7 @@ def gather_fragments(engine: Any) -> tuple[dict[str, torch.Tensor], dict[str, to
     dist.all_gather_object(everyone, mine)
     params, exp_avg, cover = {}, {}, {}
     for frags in everyone:
-        for name, shape, off, p, m, replicated in frags:
+        for name, shape, off, p, m, _replicated in frags:
             if name not in params:
                 n = torch.Size(shape).numel()
                 params[name], exp_avg[name] = torch.zeros(n), torch.zeros(n)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -56,7 +55,8 @@ def fsdp2_model(mesh: DeviceMesh, model: Optional[nn.Module] = None) -> nn.Modul
 
 def tp_fsdp_model(meshes: Meshes) -> nn.Module:
     """:func:`tiny_model` with ``a`` column- and ``b`` row-parallel over ``tp``, then ``fully_shard`` over ``dp``."""
-    model = parallelize_module(tiny_model(), meshes.tp["tp"], {"a": ColwiseParallel(use_local_output=False), "b": RowwiseParallel()})
+    plan = {"a": ColwiseParallel(use_local_output=False), "b": RowwiseParallel()}
+    model = parallelize_module(tiny_model(), meshes.tp["tp"], plan)
     return fsdp2_model(meshes.tp["dp"], model)
 
 

@@ -25,15 +25,15 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 
 from lion_sf_dist import LionSF
 from lion_sf_dist.integrations.lightning import LionSFDeepSpeedCallback
-from tests.integration_runs import State, full_state, shared_dir
 from tests.integration_model import PER_DEVICE, STEPS, Tiny, dataset, make_lion_sf, reference
+from tests.integration_runs import State, full_state, shared_dir
 
 EPOCH_STEPS = 1
 

@@ -46,8 +46,9 @@ def test_loaded_engines_compute_with_the_loaded_weights(chain: dict) -> None:
     expected = chain["w1_from_z2"]["output"]
     for rank, r in enumerate(chain["w2"]):
         for stage in ("z3", "z3sub", "z0"):
+            where = f"{stage} rank {rank} forward after load"
             torch.testing.assert_close(r[f"{stage}_output"], expected, rtol=0, atol=1e-6,
-                                       msg=lambda m: f"{stage} rank {rank} forward after load: {m}")
+                                       msg=lambda m, where=where: f"{where}: {m}")
 
 
 def test_deepspeed_fsdp2_both_ways(chain: dict) -> None:

@@ -64,7 +64,8 @@ def test_truncated_shard_named(saved: tuple[Path, dict]) -> None:
     size = shard.stat().st_size
     with open(shard, "r+b") as f:
         f.truncate(size // 2)
-    with pytest.raises(checkpoint.CheckpointCorruptError, match=f"'{shard.name}' is truncated.*{size // 2} bytes, {size}"):
+    truncated = f"'{shard.name}' is truncated.*{size // 2} bytes, {size}"
+    with pytest.raises(checkpoint.CheckpointCorruptError, match=truncated):
         checkpoint.load(root, *_fresh())
 
 
@@ -228,7 +229,8 @@ def test_flat_range_boxes_tile_the_range_in_order(shape: tuple[int, ...]) -> Non
     n = math.prod(shape)
     index = torch.arange(n).view(shape)
     gen = torch.Generator().manual_seed(len(shape))
-    ranges = [(0, n), (0, 0)] + [tuple(sorted(torch.randint(0, n + 1, (2,), generator=gen).tolist())) for _ in range(20)]
+    drawn = [tuple(sorted(torch.randint(0, n + 1, (2,), generator=gen).tolist())) for _ in range(20)]
+    ranges = [(0, n), (0, 0)] + drawn
     for start, end in ranges:
         boxes = flat_range_boxes(shape, start, end)
         got = [index[tuple(slice(o, o + s) for o, s in zip(off, size))].reshape(-1) for off, size in boxes]

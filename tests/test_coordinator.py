@@ -39,7 +39,7 @@ def split(named: list[tuple[str, torch.Tensor]]) -> list[list[tuple[str, torch.T
 
 def train(opts: list[LionSF], named: list[tuple[str, torch.Tensor]], order: list[int]) -> None:
     for step in range(STEPS):
-        for (n, p), g in zip(named, grads(step, named).values()):
+        for (_n, p), g in zip(named, grads(step, named).values()):
             p.grad = g.clone()
         for i in order:
             opts[i].step()
@@ -184,7 +184,7 @@ def test_torchtitan_container_joins_its_model_parts() -> None:
     assert len(container.optimizers) == 2
     for step in range(STEPS):
         for m in (whole, parts_model):
-            for (n, p), g in zip(m.named_parameters(), grads(step, list(m.named_parameters())).values()):
+            for (_n, p), g in zip(m.named_parameters(), grads(step, list(m.named_parameters())).values()):
                 p.grad = g.clone()
         ref.step()
         container.step()

@@ -26,12 +26,27 @@ import os
 import pytest
 import torch
 
+from lion_sf_dist import LionSF
 from tests.deepspeed_cases import (
-    ACCELERATE, ATOL, CASES, CONTROLS, HYPER, LAUNCH_CASES, PLAIN, REPLAYS, RTOL, STEPS, UNSUPPORTED, Case, cases_for,
-    RESUMES, make_model, param_groups, reference,
+    ACCELERATE,
+    ATOL,
+    CASES,
+    CONTROLS,
+    HYPER,
+    LAUNCH_CASES,
+    PLAIN,
+    REPLAYS,
+    RESUMES,
+    RTOL,
+    STEPS,
+    UNSUPPORTED,
+    Case,
+    cases_for,
+    make_model,
+    param_groups,
+    reference,
 )
 from tests.deepspeed_worker import run_cases
-from lion_sf_dist import LionSF
 from tests.harness import run
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -67,7 +82,8 @@ def _close(actual: dict, expected: dict) -> float:
     """Assert ``actual`` matches ``expected`` name by name; return the largest absolute deviation."""
     assert actual.keys() == expected.keys()
     for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(actual[name], expected[name], rtol=RTOL, atol=ATOL,
+                                   msg=lambda m, name=name: f"{name}: {m}")
     return max((actual[n] - expected[n]).abs().max().item() for n in expected)
 
 

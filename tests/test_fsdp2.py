@@ -15,8 +15,17 @@ from typing import Any
 import pytest
 import torch
 
-from tests.fsdp_cases import (BAD_STEP, NAMES, OPTIONS, WITHOUT_REFERENCE, initial, make_optimizer, reference,
-                               single_process, tiny_model)
+from tests.fsdp_cases import (
+    BAD_STEP,
+    NAMES,
+    OPTIONS,
+    WITHOUT_REFERENCE,
+    initial,
+    make_optimizer,
+    reference,
+    single_process,
+    tiny_model,
+)
 from tests.fsdp_layouts import layouts
 from tests.fsdp_worker import TRAIN_BATCH, TRAIN_STEPS, all_cases
 from tests.harness import run

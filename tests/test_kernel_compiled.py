@@ -56,7 +56,7 @@ def test_changing_betas_and_tensor_sets_compile_within_a_bound(monkeypatch, batc
     rng = torch.Generator().manual_seed(1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for k in range(12):
+        for _k in range(12):
             size = 3 + int(torch.randint(0, len(SHAPES) - 3, (1,), generator=rng))
             idx = sorted(torch.randperm(len(SHAPES), generator=rng)[:size].tolist())
             b1 = 0.5 + 0.45 * torch.rand((), generator=rng).item()

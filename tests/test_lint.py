@@ -1,4 +1,5 @@
-"""The library passes its linter and type checker (configured in pyproject.toml), as part of the tests."""
+"""The library passes its linter and type checker (configured in pyproject.toml), as part of the tests; the
+launch scripts and the tests pass the linter too."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_ruff_lint() -> None:
-    proc = _run("ruff", "check", "lion_sf_dist")
+    proc = _run("ruff", "check", "lion_sf_dist", "launch", "tests")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

@@ -91,7 +91,9 @@ def test_bf16_momentum_needs_stochastic_rounding(stochastic):
 # -- stochastic rounding -----------------------------------------------------------------
 
 def _sr_step(kern: Kernel, p32: torch.Tensor, grad_sign: float, lr: float, seed: int = 5, step: int = 3):
-    """One kernel step of a bf16 tensor with ``pow``-free scale 1 and stochastic rounding; returns (stored p, fp32 p)."""
+    """One kernel step of a bf16 tensor with ``pow``-free scale 1 and stochastic rounding.
+
+    Returns (stored p, fp32 p)."""
     p = p32.to(torch.bfloat16)
     m = torch.zeros_like(p)
     g = torch.full_like(p, grad_sign)
@@ -105,7 +107,8 @@ def _sr_step(kern: Kernel, p32: torch.Tensor, grad_sign: float, lr: float, seed:
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["chunked", "foreach"])
 def test_stochastic_rounding_is_unbiased(foreach):
-    """A quarter-ulp step from 1.0: every value is a neighbour, a quarter of them round up, the mean is the fp32 value."""
+    """A quarter-ulp step from 1.0: every value is a neighbour, a quarter of them round up, the mean is the
+    fp32 value."""
     lr = 2.0**-9  # bf16 ulp on [1, 2) is 2**-7
     stored, exact = _sr_step(Kernel(False, foreach=foreach), torch.ones(64, 64), grad_sign=-1.0, lr=lr)
     lo, hi = bf16_neighbours(exact)

@@ -110,7 +110,8 @@ def test_the_fence_check_would_see_a_private_name() -> None:
 
 def test_private_torch_names_still_exist() -> None:
     missing = [name for name, present in _torch_private.names().items() if not present]
-    assert missing == [], f"torch {__import__('torch').__version__} lacks {missing}; update lion_sf_dist/_torch_private.py"
+    version = __import__("torch").__version__
+    assert missing == [], f"torch {version} lacks {missing}; update lion_sf_dist/_torch_private.py"
 
 
 def test_public_surface() -> None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 
 from lion_sf_dist.integrations.torchtitan import LionSFOptimizersContainer, build_lion_sf, lion_sf_optimizer
-from tests.integration_runs import OneRun, max_deviation
 from tests.integration_model import DECAY, DECAYED, LR, UNITS, Tiny
+from tests.integration_runs import OneRun, max_deviation
 from tests.torchtitan_worker import run_cases
 
 RUN = OneRun(run_cases, 2, timeout=300)

@@ -75,7 +75,8 @@ def wait_for(predicate, timeout: float = 120.0) -> None:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ddp_loss_falls(world, tmp_path):
-    run(world, "--engine", "ddp", "--steps", "40", "--eval-every", "10", "--checkpoint-every", "0", "--out", str(tmp_path))
+    run(world, "--engine", "ddp", "--steps", "40", "--eval-every", "10", "--checkpoint-every", "0",
+        "--out", str(tmp_path))
     r = rows(tmp_path)
     assert [(x["step"], x["world_size"]) for x in r] == [(10, world), (20, world), (30, world), (40, world)]
     assert r[-1]["val_loss"] < r[0]["val_loss"] - 0.3 and r[-1]["loss"] < 5.0

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.integration_runs import OneRun, max_deviation
 from tests.integration_model import DECAY, LR, UNITS, Tiny
+from tests.integration_runs import OneRun, max_deviation
 from tests.transformers_worker import Case, ds_config, run_cases
 
 WORLD = 2

@@ -22,8 +22,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from lion_sf_dist.integrations.torchtitan import lion_sf_optimizer
-from tests.integration_runs import State, full_state, shared_dir
 from tests.integration_model import DECAY, LR, PER_DEVICE, STEPS, Tiny, dataset, reference
+from tests.integration_runs import State, full_state, shared_dir
 
 
 def contiguous_samples(step: int, rank: int, world: int) -> list[int]:

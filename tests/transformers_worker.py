@@ -15,8 +15,8 @@ from typing import Any, Optional
 import torch.distributed as dist
 
 from lion_sf_dist import LionSF
-from tests.integration_runs import State, full_state, shared_dir
 from tests.integration_model import BETAS, DECAY, LR, PER_DEVICE, STEPS, Tiny, dataset, reference
+from tests.integration_runs import State, full_state, shared_dir
 
 
 def hf_samples(step: int, rank: int, world: int) -> list[int]:
