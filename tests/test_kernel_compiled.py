@@ -87,3 +87,20 @@ def test_dynamo_recompile_limit_falls_back_to_eager(monkeypatch):
         rows = kern.count(ms, gs, (0.9,))
         kern.apply(ps, ms, gs, torch.tensor([-0.5]), torch.tensor([1.0]), torch.tensor([True]), (0.9,), (0.99,))
     assert rows.tolist() == [[4, 0]] and torch.equal(ps[0], torch.full((4,), 1.5))
+
+
+def test_batch_plans_are_built_once_for_count_and_apply(monkeypatch):
+    """A step's count and apply each have a plan (two and three lists); later steps reuse both, not rebuild."""
+    built = []
+    real = kernel.compiled._Batches
+    monkeypatch.setattr(kernel.compiled, "_Batches", lambda *args: built.append(1) or real(*args))
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.randn(s, generator=gen) for s in SHAPES[:4]]
+    ms = [torch.zeros_like(p) for p in ps]
+    kern, n = Kernel(True), len(ps)
+    for _ in range(3):
+        gs = [torch.randn(p.shape, generator=gen) for p in ps]
+        kern.count(ms, gs, (0.9,) * n)
+        kern.apply(ps, ms, gs, torch.full((n,), -1e-3), torch.ones(n), torch.ones(n, dtype=torch.bool),
+                   (0.9,) * n, (0.99,) * n)
+    assert len(built) == 2

@@ -41,6 +41,7 @@ def compile_batch(device: torch.device) -> int:
 # Dynamo keeps at most ``recompile_limit`` (8 in torch 2.13) and with ``fullgraph=True``
 # raises past it; staying below leaves room for graphs dynamo splits on guards we do not predict.
 MAX_COMPILED_VARIANTS = 4
+_PLANS_KEPT = 4  # a step's count and apply plans (two lists of tensors each), and the last step's
 _variants: dict[str, set] = {"count": set(), "apply": set()}
 
 
@@ -194,7 +195,7 @@ class CompiledKernel:
     def __init__(self) -> None:
         self._compiled: dict[tuple[str, str], Callable] = {}
         self._coefs: Optional[tuple[tuple, Tensor]] = None
-        self._batches: Optional[tuple[tuple, _Batches]] = None
+        self._batches: dict[tuple, _Batches] = {}  # by device and tensor kinds, oldest first
         self._where: Optional[tuple[tuple, Optional[Tensor]]] = None
         self._views = Views()
         self._warned = False
@@ -252,10 +253,13 @@ class CompiledKernel:
         return True
 
     def _plan(self, lists: tuple[Sequence[Tensor], ...], device: torch.device) -> _Batches:
+        """The batch plan of these tensors, kept for the next steps (count's and apply's alike)."""
         key = (device, tuple(_batch_kind(t) for ts in lists for t in ts))
-        if self._batches is None or self._batches[0] != key:
-            self._batches = (key, _Batches(lists, device))
-        return self._batches[1]
+        if key not in self._batches:
+            if len(self._batches) >= _PLANS_KEPT:
+                del self._batches[next(iter(self._batches))]
+            self._batches[key] = _Batches(lists, device)
+        return self._batches[key]
 
     def _where_tensor(self, rounding: Rounding, device: torch.device) -> Optional[Tensor]:
         key = (rounding.index, device)
