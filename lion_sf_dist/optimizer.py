@@ -329,7 +329,7 @@ class LionSF(Optimizer):
                 loss = closure()
         units = self.units
         self._layout.init_state(self.param_groups, self.state, self.original_params(), units)
-        segments = self._layout.segments(self.param_groups, self.state, units)
+        segments = self._layout.segments(self.param_groups, self.state, units, indexed=self.stochastic_rounding)
         if segments is None:
             return loss  # a ZeRO engine step is still being collected
         if self._shared is not None:

@@ -233,8 +233,8 @@ def record_steps(engine: Any, opt: Any) -> list:
     log: list = []
     current: list = []
 
-    def segments(*args: Any) -> Any:
-        out = real_segments(*args)
+    def segments(*args: Any, **kwargs: Any) -> Any:
+        out = real_segments(*args, **kwargs)
         if out is not None:
             current[:] = [out, _snapshot(layout, out, names, grads=True)]
         return out

@@ -126,8 +126,14 @@ def partial_grad_error(meshes: Meshes) -> str:
 
 def interleaved_shard_rounding(meshes: Meshes) -> dict[str, object]:
     """A placement whose local rows are not one block of the parameter (``_StridedShard`` alone
-    interleaves them): stochastic rounding must refuse it; the plain step still runs."""
+    interleaves them): stochastic rounding must refuse it; the plain step still runs, without
+    probing where the rows lie (``probes``: the probes each step took)."""
     from torch.distributed.tensor.placement_types import _StridedShard
+
+    from lion_sf_dist.layouts import params as param_layout
+
+    real_probe, probes = param_layout._is_block, []
+    param_layout._is_block = lambda *args: probes.append(1) or real_probe(*args)
 
     full = torch.arange(24, dtype=torch.float32).view(8, 3) / 24
     p = nn.Parameter(distribute_tensor(full, meshes.flat, [_StridedShard(0, split_factor=2)], src_data_rank=None))
@@ -135,11 +141,14 @@ def interleaved_shard_rounding(meshes: Meshes) -> dict[str, object]:
     for rounding in (True, False):
         opt = LionSF([("w", p)], lr=1e-2, state_dtype=torch.bfloat16, stochastic_rounding=rounding)
         p.grad = distribute_tensor(torch.ones(8, 3), meshes.flat, p.placements, src_data_rank=None)
+        probes.clear()
         try:
             opt.step()
             out[rounding] = ""
         except ValueError as e:
             out[rounding] = str(e)
+        out["probes", rounding] = len(probes)
+    param_layout._is_block = real_probe
     return out
 
 

@@ -226,6 +226,7 @@ def test_stochastic_rounding_refuses_a_shard_that_is_not_one_block() -> None:
     for r in res:
         assert "stochastic_rounding needs each element's place" in r[("interleaved",)][True]
         assert r[("interleaved",)][False] == ""
+        assert (r[("interleaved",)]["probes", True], r[("interleaved",)]["probes", False]) == (1, 0)
 
 
 def test_partial_gradient_is_refused() -> None:

@@ -88,8 +88,15 @@ class Layout(Protocol):
         """The optimizer's state was replaced (a load): check it again at the next :meth:`init_state`."""
         ...
 
-    def segments(self, param_groups: ParamGroups, state: State, units: Units) -> Optional[list[Segment]]:
-        """The pieces to step now, or ``None`` while a step is still being collected (ZeRO)."""
+    def segments(
+        self, param_groups: ParamGroups, state: State, units: Units, *, indexed: bool = True
+    ) -> Optional[list[Segment]]:
+        """The pieces to step now, or ``None`` while a step is still being collected (ZeRO).
+
+        ``indexed``: each segment's ``index`` is needed (stochastic rounding); where finding
+        it costs work (a DTensor placement other than ``Shard``/``Replicate`` is probed),
+        a layout may leave it ``None`` otherwise.
+        """
         ...
 
     def finish(self) -> None:

@@ -92,8 +92,10 @@ class ParamLayout:
             self._indexes[key] = shard_index(p)
         return self._indexes[key]
 
-    def segments(self, param_groups: ParamGroups, state: State, units: Units) -> list[Segment]:
-        """One segment per parameter that has a gradient.
+    def segments(
+        self, param_groups: ParamGroups, state: State, units: Units, *, indexed: bool = True
+    ) -> list[Segment]:
+        """One segment per parameter that has a gradient (DTensors' ``index`` only when ``indexed``).
 
         A parameter without gradient takes no part in the step; a DTensor whose local shard
         is empty contributes nothing to count but its rank still joins the reduction.
@@ -132,7 +134,7 @@ class ParamLayout:
                             process_group,
                             counted,
                             position,
-                            self._index(p),
+                            self._index(p) if indexed else None,
                         )
                     )
                 else:

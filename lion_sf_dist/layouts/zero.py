@@ -89,8 +89,11 @@ class ZeroLayout:
     def forget(self) -> None:
         """Nothing to re-check after a load: state stays keyed by the partitions."""
 
-    def segments(self, param_groups: ParamGroups, state: State, units: Units) -> Optional[list[Segment]]:
-        """Record this per-partition call; at the last of an engine step, every partition's segments."""
+    def segments(
+        self, param_groups: ParamGroups, state: State, units: Units, *, indexed: bool = True
+    ) -> Optional[list[Segment]]:
+        """Record this per-partition call; at the last of an engine step, every partition's segments
+        (indexed whatever ``indexed`` says: a fragment's offset costs nothing)."""
         held = [(group, p) for group in param_groups for p in group["params"]]
         for group, flat in held:
             k = self._index.get(id(flat))
