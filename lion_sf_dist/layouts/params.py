@@ -92,9 +92,7 @@ class ParamLayout:
             self._indexes[key] = shard_index(p)
         return self._indexes[key]
 
-    def segments(
-        self, param_groups: ParamGroups, state: State, units: Units, *, indexed: bool = True
-    ) -> list[Segment]:
+    def segments(self, param_groups: ParamGroups, state: State, units: Units, *, indexed: bool = True) -> list[Segment]:
         """One segment per parameter that has a gradient (DTensors' ``index`` only when ``indexed``).
 
         A parameter without gradient takes no part in the step; a DTensor whose local shard
