@@ -185,20 +185,17 @@ class FileHash:
             self._fd = None
 
 
-def files_checksums(
-    paths: list[Path], algorithm: str = ALGORITHM, threads: Optional[int] = None
-) -> list[Union[str, OSError]]:
+def files_checksums(paths: list[Path], algorithm: str = ALGORITHM) -> list[Union[str, OSError]]:
     """The checksum of each of ``paths``, or the ``OSError`` opening or reading it raised.
 
-    All jobs of all files (see :class:`FileHash`) run on one pool of ``threads`` threads
-    (default: one per core this process may use; at most 8): one large file is hashed in
-    parallel too.
+    All jobs of all files (see :class:`FileHash`) run on one pool of threads, one per core
+    this process may use (at most :data:`MAX_THREADS`): one large file is hashed in parallel too.
     """
     hashes = [FileHash(path, algorithm) for path in paths]
     try:
         jobs = [job for h in hashes for job in h.jobs]
         if len(jobs) > 1:
-            with ThreadPoolExecutor(max(1, min(len(jobs), threads or cores(), MAX_THREADS))) as pool:
+            with ThreadPoolExecutor(max(1, min(len(jobs), cores(), MAX_THREADS))) as pool:
                 parts = iter(list(pool.map(lambda job: job(), jobs)))
         else:
             parts = iter([job() for job in jobs])
