@@ -104,3 +104,43 @@ def test_batch_plans_are_built_once_for_count_and_apply(monkeypatch):
         kern.apply(ps, ms, gs, torch.full((n,), -1e-3), torch.ones(n), torch.ones(n, dtype=torch.bool),
                    (0.9,) * n, (0.99,) * n)
     assert len(built) == 2
+
+
+@pytest.mark.parametrize("batch", [1, 4], ids=["cpu-batches", "gpu-batches"])
+def test_small_tensors_of_one_size_step_as_stacks(monkeypatch, batch):
+    """Small contiguous tensors sharing a size and dtypes are stepped as one stack, the others by compiled calls;
+    rows come back in the tensors' order, a skipped unit's stacked tensor keeps its values, and counts and
+    values match the eager path (within the compiled path's tolerance, as above)."""
+    monkeypatch.setattr(kernel.compiled, "COMPILE_BATCH", {"cpu": batch})
+    stacked: list[int] = []
+    real = kernel.compiled._stacked_apply
+    monkeypatch.setattr(kernel.compiled, "_stacked_apply", lambda ps, *a: stacked.append(len(ps)) or real(ps, *a))
+    shapes = [(8,), (3, 4), (40,), (8,), (12,), (8,), (1,), (3, 4), (8,), (1,), (8,), (12,), (1,), (1,), (5, 7)]
+    gen = torch.Generator().manual_seed(3)
+    ps_e = [torch.randn(s, generator=gen) for s in shapes]
+    ps_e[-1] = ps_e[-1].t()  # not contiguous: never stacked
+    ms_e = [torch.randn(p.shape, generator=gen).mul_(0.1).as_strided(p.shape, p.stride()) for p in ps_e]
+    ps_c, ms_c = [p.clone() for p in ps_e], [m.clone() for m in ms_e]
+    n = len(shapes)
+    compiled, eager = Kernel(True), Kernel(False)
+    for step in range(3):
+        gs = [torch.empty_like(p).copy_(torch.randn(p.shape, generator=gen)) for p in ps_e]  # p's layout
+        gs[5][0] = float("nan") if step == 1 else gs[5][0]  # its unit skips this step
+        b1, b2 = 0.8 + 0.05 * step, 0.99 - 0.01 * step
+        rows_c = compiled.count(ms_c, gs, (b1,) * n)
+        rows_e = eager.count(ms_e, gs, (b1,) * n)
+        assert torch.equal(rows_c, rows_e)
+        eights = [i for i, s in enumerate(shapes) if s == (8,)]
+        assert len(set(rows_e[eights, 0].tolist())) > 1  # a stack's rows in the wrong order would be caught
+        keep = torch.tensor([step != 1 or i != 5 for i in range(n)])
+        step_size, decay = torch.linspace(-1e-2, -2e-2, n) * keep, torch.where(keep, 1 - 1e-3, 1.0)
+        before = ps_c[5].clone(), ms_c[5].clone()
+        compiled.apply(ps_c, ms_c, gs, step_size, decay, keep, (b1,) * n, (b2,) * n)
+        eager.apply(ps_e, ms_e, gs, step_size, decay, keep, (b1,) * n, (b2,) * n)
+        if step == 1:
+            assert torch.equal(ps_c[5], before[0]) and torch.equal(ms_c[5], before[1])
+        for i in range(n):
+            g_max = gs[i].nan_to_num(0.0).abs().max().item()
+            torch.testing.assert_close(ms_c[i], ms_e[i], rtol=0, atol=4 * g_max * 2.0**-24 + 1e-30)
+            torch.testing.assert_close(ps_c[i], ps_e[i], rtol=2.0**-22, atol=1e-8)
+    assert sorted(stacked[:3]) == [4, 4, 5]  # (1,) x4, numel 12 x4 ((3, 4) and (12,) flat alike), (8,) x5

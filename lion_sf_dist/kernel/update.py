@@ -77,12 +77,13 @@ def _momentum(m32: Tensor, g32: Tensor, keep: Tensor, beta: float | tuple[Tensor
     return m32.mul_(torch.where(keep, beta, 1.0)).add_(_zeroed_unless(keep, g32), alpha=1.0 - beta)
 
 
-def count_agreement(m: Tensor, g: Tensor, beta1: float | tuple[Tensor, Tensor]) -> Tensor:
+def count_agreement(m: Tensor, g: Tensor, beta1: float | tuple[Tensor, Tensor], rows: bool = False) -> Tensor:
     """``[A, P]`` (int64) for one tensor (eager: of at most ``2**24`` elements).
 
     ``A = #(sign(m * b1 + g * (1 - b1)) * g > 0)``, exactly, in float32 whatever the
     dtypes; ``P > 0`` exactly when ``g`` holds a NaN or an Inf (``g * 0`` is 0 for every
-    finite value, NaN otherwise).
+    finite value, NaN otherwise). ``rows``: ``m`` and ``g`` are 2-D, one tensor per row,
+    and the result is ``[R, 2]`` (eager only).
     """
     g32 = _f32(g)
     u = _interp(_f32(m), g32, beta1).sign_()
@@ -90,9 +91,10 @@ def count_agreement(m: Tensor, g: Tensor, beta1: float | tuple[Tensor, Tensor]) 
         return torch.stack(((u.mul_(g32) > 0).sum(), (g.mul(0.0) != 0).sum()))
     # Eager CPU comparisons and isfinite cost several times more than arithmetic; a float32
     # sum of zeros and ones is exact up to 2**24 elements, hence the caller's chunks.
-    agree = u.mul_(g32).sign_().clamp_(min=0.0).sum(dtype=torch.float32)
-    poisoned = g.mul(0.0).sum(dtype=torch.float32).isnan()
-    return torch.stack((agree.to(torch.int64), poisoned.to(torch.int64)))
+    dims = [-1] if rows else None
+    agree = u.mul_(g32).sign_().clamp_(min=0.0).sum(dims, dtype=torch.float32)
+    poisoned = g.mul(0.0).sum(dims, dtype=torch.float32).isnan()
+    return torch.stack((agree.to(torch.int64), poisoned.to(torch.int64)), dim=-1)
 
 
 def apply_update(
