@@ -132,6 +132,7 @@ def _rank(rank: int, world: int, blocks: int, repeats: int, cold: bool, root: st
     from torch.distributed.fsdp import fully_shard
 
     torch.set_num_threads(1)
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(world))  # as torchrun sets it: every rank on this host
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
     model = model_of(blocks)

@@ -134,6 +134,24 @@ def test_files_checksums_reports_each_unreadable_file_and_hashes_the_rest(tmp_pa
     assert out[1] == _blocks_reference(data, 100)
 
 
+@pytest.mark.parametrize(("mask", "host", "local", "share"), [
+    (16, 16, "8", 2),  # torchrun's ranks all see every core: each takes its share
+    (2, 16, "8", 2),  # ranks pinned to disjoint cores keep their own
+    (2, 2, "2", 1),
+    (3, 4, "2", 1),  # overlapping masks: shared, never below one
+    (8, 8, None, 8), (8, 8, "1", 8), (8, 8, "x", 8), (8, 8, "0", 8),  # no (valid) LOCAL_WORLD_SIZE: one rank
+])
+def test_hashing_threads_share_the_host_between_its_ranks(monkeypatch: pytest.MonkeyPatch, mask: int, host: int,
+                                                          local: str | None, share: int) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(mask)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: host)
+    if local is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    assert checksum.cores() == share
+
+
 @pytest.mark.parametrize("algorithm", sorted(checksum.READABLE))
 def test_checksum_of_an_empty_file(tmp_path: Path, algorithm: str) -> None:
     (tmp_path / "empty").write_bytes(b"")

@@ -131,8 +131,18 @@ def _hashed(fd: int, start: int, stop: Optional[int], algorithm: str) -> Union[b
 
 
 def cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The cores this process's hashing may use: those it may run on, shared with the other ranks of its host.
+
+    torchrun's ranks on one host (``LOCAL_WORLD_SIZE``) usually all see every core; each then
+    takes its share, so that ranks hashing at once do not oversubscribe the host. Ranks a
+    launcher pinned to disjoint cores (their masks together fit the host) keep their own.
+    """
+    mine = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    ranks = int(local) if local.isdigit() and int(local) > 0 else 1
+    if mine * ranks <= (os.cpu_count() or mine):
+        return mine
+    return max(1, mine // ranks)
 
 
 Part = Union[bytes, str, OSError]  # what one job yields: a block's digest, a whole file's checksum, or the error

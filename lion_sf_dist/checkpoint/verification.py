@@ -4,7 +4,8 @@ A load must hash every file it reads before the first byte reaches the model, so
 adds to the load one for one unless it overlaps work the load does anyway. A
 :class:`Verification` starts hashing files in the background as soon as it is told which
 ones will be read (:meth:`Verification.start`: from the manifest in a single-process load,
-from the local read plan otherwise), on all cores but one, while the load's own thread
+from the local read plan otherwise), on this rank's share of the cores but one (at least
+one thread: see :func:`checksum.cores`), while the load's own thread
 checks the model and DCP plans. :meth:`Verification.check` then runs the jobs no
 background thread has begun on the calling thread too, and raises on any mismatch.
 """
