@@ -17,7 +17,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint.filesystem as fs
 
 from lion_sf_dist import checkpoint
-from lion_sf_dist.checkpoint.storage import METADATA
+from lion_sf_dist.checkpoint.storage import METADATA, SafeReader
+from lion_sf_dist.checkpoint.verification import Verification
 from tests.checkpoint_cases import STEPS, Tiny, full_state, make_optimizer, train
 from tests.checkpoint_worker import fsdp2
 
@@ -73,12 +74,40 @@ def garbled_file_of_one_rank(rank: int, world: int, root: str) -> dict[str, Any]
         data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
         (ckpt / garbled).write_bytes(bytes(data))
     dist.barrier()
+    hashing = _record_hashing()
     out = _outcome(lambda: checkpoint.load(root, model, opt, hparams="checkpoint"))
     after = full_state(model, opt)
     out["unchanged"] = all(torch.equal(before[k][n], after[k][n]) for k in before for n in before[k])
     out["hparams"] = (opt.param_groups[0]["lr"], opt.pow)
     out["garbled"] = garbled
+    out["hashing"] = hashing
     return out
+
+
+def _record_hashing() -> list[tuple[str, list[str]]]:
+    """From now on in this process: ``("start", files)`` / ``("start in plan", files)`` (begun from
+    ``SafeReader.prepare_local_plan``) and ``("check", files)``, in the order they happen."""
+    events: list[tuple[str, list[str]]] = []
+    planning: list[bool] = []
+    start, check, plan = Verification.start, Verification.check, SafeReader.prepare_local_plan
+
+    def in_plan(self: SafeReader, local: Any) -> Any:
+        planning.append(True)
+        try:
+            return plan(self, local)
+        finally:
+            planning.pop()
+
+    def started(self: Verification, names: list[str]) -> None:
+        events.append(("start in plan" if planning else "start", sorted(names)))
+        start(self, names)
+
+    def checked(self: Verification, names: list[str]) -> None:
+        events.append(("check", sorted(names)))
+        check(self, names)
+
+    SafeReader.prepare_local_plan, Verification.start, Verification.check = in_plan, started, checked
+    return events
 
 
 def async_then_destroy(rank: int, world: int, root: str, store: str) -> dict[str, Any]:

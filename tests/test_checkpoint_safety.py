@@ -342,6 +342,9 @@ def test_failed_load_garbled_file_of_one_rank_changes_nothing_on_any_rank(tmp_pa
         assert f"'{r['garbled']}' is corrupt" in r["error"], (rank, r)
         assert r["unchanged"], f"rank {rank}: the failed load changed the running model or optimizer"
         assert r["hparams"] == (5e-3, 1.0), (rank, r["hparams"])
+        (shards,) = [names for what, names in r["hashing"] if what == "check" and any(".distcp" in n for n in names)]
+        began = r["hashing"][:r["hashing"].index(("check", shards))]
+        assert ("start in plan", shards) in began, f"rank {rank}: its shards were not hashed from its read plan on"
 
 
 def test_bad_input_on_rank1_only_raises_on_both_ranks_within_seconds(tmp_path: Path) -> None:
