@@ -144,3 +144,24 @@ def test_small_tensors_of_one_size_step_as_stacks(monkeypatch, batch):
             torch.testing.assert_close(ms_c[i], ms_e[i], rtol=0, atol=4 * g_max * 2.0**-24 + 1e-30)
             torch.testing.assert_close(ps_c[i], ps_e[i], rtol=2.0**-22, atol=1e-8)
     assert sorted(stacked[:3]) == [4, 4, 5]  # (1,) x4, numel 12 x4 ((3, 4) and (12,) flat alike), (8,) x5
+
+
+def test_parameter_and_gradient_of_different_layouts(monkeypatch):
+    """A transposed parameter with a contiguous gradient (as a DDP bucket view gives it), and the reverse, step
+    as on the eager path (they take its chunked route: a compiled call takes contiguous tensors flat)."""
+    gen = torch.Generator().manual_seed(5)
+    ps_e = [torch.randn(5, 7, generator=gen).t(), torch.randn(7, 5, generator=gen), torch.randn(40, generator=gen)]
+    ms_e = [torch.randn(7, 5, generator=gen) * 0.1, torch.randn(5, 7, generator=gen).t() * 0.1, torch.zeros(40)]
+    ps_c, ms_c = [p.clone() for p in ps_e], [m.clone() for m in ms_e]
+    assert [p.is_contiguous() for p in ps_c] == [False, True, True] and not ms_c[1].is_contiguous()
+    compiled, eager = Kernel(True), Kernel(False)
+    for _ in range(2):
+        gs = [torch.randn(p.shape, generator=gen) for p in ps_e]
+        rows_c, rows_e = compiled.count(ms_c, gs, (0.9,) * 3), eager.count(ms_e, gs, (0.9,) * 3)
+        assert torch.equal(rows_c, rows_e)
+        tables = torch.full((3,), -1e-2), torch.full((3,), 1 - 1e-3), torch.ones(3, dtype=torch.bool)
+        compiled.apply(ps_c, ms_c, gs, *tables, (0.9,) * 3, (0.99,) * 3)
+        eager.apply(ps_e, ms_e, gs, *tables, (0.9,) * 3, (0.99,) * 3)
+        for i in range(2):  # the chunked route itself: bitwise
+            assert torch.equal(ps_c[i], ps_e[i]) and torch.equal(ms_c[i], ms_e[i])
+        torch.testing.assert_close(ps_c[2], ps_e[2], rtol=2.0**-22, atol=1e-8)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lion_sf_dist._torch_private import no_duck_shapes, recompile_limit_hit
 from lion_sf_dist.devices import to_device
-from lion_sf_dist.kernel import update
+from lion_sf_dist.kernel import chunked, update
 from lion_sf_dist.kernel.tensors import Views, by_key, detached_flat, flat, pick
 from lion_sf_dist.kernel.update import F32, StepValues
 from lion_sf_dist.rounding import IndexMap, Rounding, random16, stochastic_bf16
@@ -144,20 +144,24 @@ def _index_rows(index: Sequence[IndexMap]) -> Optional[list[tuple[int, int, int,
 class _Batches:
     """How one step's tensors are cut into compiled calls and eager stacks.
 
-    ``stacks``: small contiguous tensors of one size and dtypes, :data:`STACK_MIN` or more (when
-    ``stacking``). The others, by dtypes, layout and size class (0, 1, more elements: dynamo
-    specialises sizes 0 and 1), in batches of :func:`compile_batch`, the last one padded with
-    small dummy tensors (step 0, kept unchanged). Rows come back batches first, then stacks;
-    ``inverse`` puts them in the tensors' order. Index tensors live on the device.
+    ``eager``: segments whose tensors differ in contiguity (a parameter's transpose with the
+    contiguous gradient a DDP bucket gives it): a compiled call takes contiguous tensors flat,
+    so these run on the chunked eager path. ``stacks``: small contiguous tensors of one size
+    and dtypes, :data:`STACK_MIN` or more (when ``stacking``). The others, by dtypes, layout and
+    size class (0, 1, more elements: dynamo specialises sizes 0 and 1), in batches of
+    :func:`compile_batch`, the last one padded with small dummy tensors (step 0, kept
+    unchanged). Rows come back batches first, then stacks, then eager segments; ``inverse``
+    puts them in the tensors' order. Index tensors live on the device.
     """
 
     def __init__(self, lists: Sequence[Sequence[Tensor]], device: torch.device, stacking: bool) -> None:
         n = len(lists[0])
         size = compile_batch(device)
+        self.eager = [i for i, ts in enumerate(zip(*lists)) if len({t.is_contiguous() for t in ts}) > 1]
         by_size = by_key([_stack_kind(ts) if stacking else None for ts in zip(*lists)])
         self.stacks = [idx for kind, idx in by_size.items() if kind is not None and len(idx) >= STACK_MIN]
-        stacked = {i for idx in self.stacks for i in idx}
-        rest = [i for i in range(n) if i not in stacked]
+        elsewhere = {i for idx in self.stacks for i in idx} | set(self.eager)
+        rest = [i for i in range(n) if i not in elsewhere]
         kinds = by_key([tuple(_batch_kind(ts[i]) for ts in lists) for i in rest])
         self.batches: list[tuple[tuple, list[int]]] = []
         for kind, among_rest in kinds.items():
@@ -165,7 +169,7 @@ class _Batches:
             for start in range(0, len(idx), size):
                 part = idx[start : start + size]
                 self.batches.append((kind, part + [n] * (size - len(part))))
-        order = [i for _, part in self.batches for i in part] + [i for idx in self.stacks for i in idx]
+        order = [i for _, part in self.batches for i in part] + [i for idx in self.stacks for i in idx] + self.eager
         inverse = [0] * n
         for pos, i in enumerate(order):
             if i < n:  # not a dummy's row
@@ -251,19 +255,21 @@ class CompiledKernel:
         device = ms[0].device
         plan = self._plan((ms, gs), device, stacking=True)
         coefs = self._coef_tensor(beta1s, beta1s, device, padded=True)
-        ms, gs = self._views.persistent(ms), detached_flat(gs)
+        flat_ms, flat_gs = self._views.persistent(ms), detached_flat(gs)
         parts = []
         with no_duck_shapes():  # once per step: the config patch costs as much as a compiled call's guards
             for b, take in enumerate(plan.take):
                 fn = self._compiled_fn("count", _compiled_count, plan.batches[b][0], False, device)
                 if fn is None:
                     return None
-                done, rows = fn(*plan.lists(b, ms, gs), coefs, take)
+                done, rows = fn(*plan.lists(b, flat_ms, flat_gs), coefs, take)
                 if not done:
                     return None
                 parts.append(rows)
         for idx, take in zip(plan.stacks, plan.stack_take):
-            parts.append(_stacked_count(pick(ms, idx), pick(gs, idx), coefs[take]))
+            parts.append(_stacked_count(pick(flat_ms, idx), pick(flat_gs, idx), coefs[take]))
+        if plan.eager:
+            parts.append(chunked.count(pick(ms, plan.eager), pick(gs, plan.eager), pick(beta1s, plan.eager)))
         return torch.cat(parts)[plan.inverse]
 
     def apply(
@@ -301,6 +307,8 @@ class CompiledKernel:
         for idx, take in zip(plan.stacks, plan.stack_take):
             tables = (step_size[take], decay[take], keep[take], coefs[take])
             _stacked_apply(pick(lists[0], idx), pick(lists[1], idx), pick(lists[2], idx), *tables)
+        if plan.eager:
+            chunked.apply(ps, ms, gs, values, only=plan.eager)
         return True
 
     def _plan(self, lists: tuple[Sequence[Tensor], ...], device: torch.device, stacking: bool) -> _Batches:
