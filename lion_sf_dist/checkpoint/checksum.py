@@ -7,7 +7,7 @@ The writer hashes the blocks as it writes them, in one pass. A load hashes every
 uses before the first byte reaches the model, so the hash's speed is the load's overhead:
 blocks are independent, so the load hashes them on several threads (one file of a
 world-size-1 checkpoint included; ``xxhash`` releases the GIL), from the page cache
-without copying them (see :func:`_hashed`).
+without copying them (see :class:`FileHash`).
 
 Manifests of earlier formats stay readable: ``xxh3-64`` (one XXH3-64 over the whole
 file) and ``crc32`` (the first format); their files are hashed whole, files in parallel.
@@ -99,37 +99,6 @@ def new(algorithm: str = ALGORITHM) -> Hasher:
     return _HASHERS[algorithm]()
 
 
-def _hashed(fd: int, start: int, stop: Optional[int], algorithm: str) -> Union[bytes, str]:
-    """The checksum of the bytes of ``fd`` from ``start`` to ``stop`` (``None``: to the end).
-
-    For :data:`ALGORITHM` (a block) the XXH3-64 digest, else the manifest's hex digest. A
-    file shorter than ``stop`` hashes what is there (and so fails its check).
-
-    The bytes are hashed where they lie in the page cache, through a read-only memory map:
-    reading them into a buffer first costs more than the hash (a 681 MB file: 37 ms to
-    copy, 26 ms to hash, on one core here), and that copy was most of what verifying added
-    to a load. The price is the one every memory-mapped reader pays (``safetensors``,
-    ``torch.load(mmap=True)``): a file truncated by another process while it is hashed ends
-    this process with SIGBUS instead of an error. This library never changes a committed
-    checkpoint's files in place.
-    """
-    size = os.fstat(fd).st_size
-    stop = size if stop is None else min(stop, size)
-    hasher = xxhash.xxh3_64() if algorithm == ALGORITHM else new(algorithm)
-    if stop > start:
-        aligned = start - start % mmap.ALLOCATIONGRANULARITY
-        populate = getattr(mmap, "MAP_POPULATE", 0)  # Linux: map every page in one call, not one fault each
-        with mmap.mmap(
-            fd, stop - aligned, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ, offset=aligned
-        ) as mapped:
-            view = memoryview(mapped)
-            try:
-                hasher.update(view[start - aligned :])
-            finally:
-                view.release()
-    return hasher.digest() if algorithm == ALGORITHM else hasher.hexdigest()  # type: ignore[attr-defined]
-
-
 def cores() -> int:
     """The cores this process's hashing may use: those it may run on, shared with the other ranks of its host.
 
@@ -145,44 +114,61 @@ def cores() -> int:
     return max(1, mine // ranks)
 
 
-Part = Union[bytes, str, OSError]  # what one job yields: a block's digest, a whole file's checksum, or the error
+Part = Union[bytes, str]  # what one job yields: a block's digest or a whole file's checksum
 
 
 class FileHash:
     """The checksum of one file, cut into independent :attr:`jobs` that any thread may run.
 
     The jobs of an :data:`ALGORITHM` file are its blocks; a file of an older algorithm is
-    one job. A file that cannot be opened has no jobs and its :meth:`result` is the error.
-    Holds the file open until :meth:`close`.
+    one job. A file that cannot be opened or mapped has no jobs and its :meth:`result` is
+    the error. Holds the file mapped until :meth:`close`.
+
+    The bytes are hashed where they lie in the page cache, through one read-only memory map
+    of the whole file: reading them into a buffer first costs more than the hash (a 681 MB
+    file: 37 ms to copy, 26 ms to hash, on one core here). A job is then one call that
+    releases the GIL, so it needs the GIL back only once: while the load's own thread runs
+    Python, a hashing thread waits up to the interpreter's switch interval each time it
+    does (a map, a size check and an unmap per block made that three times as slow). The price is
+    the one every memory-mapped reader pays (``safetensors``, ``torch.load(mmap=True)``): a
+    file truncated by another process while it is hashed ends this process with SIGBUS
+    instead of an error. This library never changes a committed checkpoint's files in place.
     """
 
     def __init__(self, path: Path, algorithm: str) -> None:
         self._algorithm = algorithm
-        self._fd: Optional[int] = None
         self._error: Optional[OSError] = None
-        ranges: list[tuple[int, Optional[int]]] = []
+        self._mapped: Optional[mmap.mmap] = None
+        size = 0
         try:
-            self._fd = os.open(path, os.O_RDONLY)
-            if algorithm == ALGORITHM:
-                ranges = [(start, start + BLOCK) for start in range(0, os.fstat(self._fd).st_size, BLOCK)]
-            else:
-                ranges = [(0, None)]
+            with open(path, "rb") as f:  # the mapping outlives the descriptor
+                size = os.fstat(f.fileno()).st_size
+                if size:
+                    self._mapped = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         except OSError as e:
             self._error = e
+        self._view = memoryview(self._mapped) if self._mapped is not None else memoryview(b"")
+        if self._error is not None:
+            ranges: list[tuple[int, int]] = []
+        elif algorithm == ALGORITHM:
+            ranges = [(start, min(start + BLOCK, size)) for start in range(0, size, BLOCK)]
+        else:
+            ranges = [(0, size)]
         self.jobs: list[Callable[[], Part]] = [functools.partial(self._run, start, stop) for start, stop in ranges]
 
-    def _run(self, start: int, stop: Optional[int]) -> Part:
-        assert self._fd is not None
-        try:
-            return _hashed(self._fd, start, stop, self._algorithm)
-        except OSError as e:
-            return e
+    def _run(self, start: int, stop: int) -> Part:
+        """For :data:`ALGORITHM` (a block) the XXH3-64 digest, else the manifest's hex digest of the whole file."""
+        with self._view[start:stop] as part:
+            if self._algorithm == ALGORITHM:
+                return xxhash.xxh3_64_digest(part)
+            hasher = new(self._algorithm)
+            hasher.update(part)
+            return hasher.hexdigest()
 
     def result(self, parts: list[Part]) -> Union[str, OSError]:
-        """The file's checksum from what its :attr:`jobs` yielded, in order, or the first error."""
-        failed = [p for p in parts if isinstance(p, OSError)]
-        if self._error is not None or failed:
-            return self._error or failed[0]
+        """The file's checksum from what its :attr:`jobs` yielded, in order, or the error opening it."""
+        if self._error is not None:
+            return self._error
         if self._algorithm == ALGORITHM:
             return _combined([p for p in parts if isinstance(p, bytes)])
         (whole,) = parts
@@ -190,9 +176,11 @@ class FileHash:
         return whole
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Unmap the file (after every job has returned)."""
+        self._view.release()
+        if self._mapped is not None:
+            self._mapped.close()
+            self._mapped = None
 
 
 def files_checksums(paths: list[Path], algorithm: str = ALGORITHM) -> list[Union[str, OSError]]:
