@@ -154,8 +154,10 @@ def test_lerp_rounding_is_caught(monkeypatch):
         assert_matches(opt, lib, ref, 1.0, steps=3)
 
 
-def test_compiled_path_matches_reference():
-    """use_triton=True: the same maths through torch.compile.
+@pytest.mark.parametrize("stack_min", [kernel.compiled.STACK_MIN, 1], ids=["compiled-calls", "every-tensor-stacked"])
+def test_compiled_path_matches_reference(monkeypatch, stack_min):
+    """use_triton=True: the same maths through torch.compile (``every-tensor-stacked``: every tensor here is
+    small, so with stacks of one allowed none takes a compiled call and the stacked route is checked alone).
 
     Inductor may round ``m * b + g * (1 - b)`` without the fused multiply-add eager torch
     uses (docs/CONTRACT.md section 2 allows either): one extra rounding of ``g * (1 - b)``, at most
@@ -163,9 +165,15 @@ def test_compiled_path_matches_reference():
     two terms cancel). The parameters keep the tolerance above (``u`` flips only if ``c``
     is within that error of 0, which these seeded data avoid).
     """
+    monkeypatch.setattr(kernel.compiled, "STACK_MIN", stack_min)
+    stacked: list[int] = []
+    real = kernel.compiled._stacked_apply
+    monkeypatch.setattr(kernel.compiled, "_stacked_apply", lambda ps, *a: stacked.append(len(ps)) or real(ps, *a))
     opt, lib, ref, order = make_pair("module", 1.0, True, use_triton=True)
     steps = 3
     run_both(opt, lib, ref, order, steps)
+    non_empty = sum(1 for shape in SHAPES.values() if 0 not in shape)  # an empty tensor has nothing to step
+    assert sum(stacked) == (non_empty * steps if stack_min == 1 else 0)
     max_g = max(g.abs().max().item() for k in range(steps) for g in grads_for(k).values() if g.numel())
     for p, rp, rm in zip(lib, ref.params, ref.exp_avg):
         torch.testing.assert_close(opt.state[p]["exp_avg"], rm, rtol=0, atol=steps * max_g * 2.0**-24)
