@@ -7,11 +7,14 @@ rank 0 holds empty shards of ``c.weight`` and ``c.bias``.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+from typing import Any, Iterator, Optional
+from unittest import mock
 
 import torch
 from torch import Tensor, nn
 
+import lion_sf_dist.kernel.compiled as compiled
 from lion_sf_dist import LionSF
 from tests.reference import ReferenceLionSF
 
@@ -31,6 +34,27 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "bf16_sr": {"agreement": "tensor", "state_dtype": torch.bfloat16, "stochastic_rounding": True},
 }
 WITHOUT_REFERENCE = ("bf16_sr",)
+STACKED = "stacked"  # an option only inside every_tensor_stacked()
+
+
+@contextlib.contextmanager
+def every_tensor_stacked() -> Iterator[list[int]]:
+    """``OPTIONS[STACKED]``: module units with ``use_triton=True`` and stacks of one allowed, so every
+    contiguous tensor (all of them under FSDP2) takes the compiled path's stacked route; compiling
+    anything fails the case. Yields the sizes of the stacks stepped."""
+    stacked: list[int] = []
+    real = compiled._stacked_apply
+
+    def no_compile(fn: Any, device: Any) -> Any:
+        raise AssertionError("every tensor should take the stacked route")
+
+    with (
+        mock.patch.object(compiled, "STACK_MIN", 1),
+        mock.patch.object(compiled, "_stacked_apply", lambda ps, *a: stacked.append(len(ps)) or real(ps, *a)),
+        mock.patch.object(compiled, "_compile", no_compile),
+        mock.patch.dict(OPTIONS, {STACKED: {"agreement": "module", "use_triton": True}}),
+    ):
+        yield stacked
 BAD_STEP = STEPS - 1  # in "nonfinite" runs, this step's a.weight gradient has an Inf in its last row
 NO_GRAD = ("b.bias", 1)  # this parameter has no gradient at this step
 

@@ -19,7 +19,17 @@ from torch.distributed.tensor import DTensor, Partial, distribute_tensor
 import lion_sf_dist.optimizer as optimizer_module
 from lion_sf_dist import LionSF
 from tests.fsdp_accelerate import accelerate_case
-from tests.fsdp_cases import BAD_STEP, NAMES, OPTIONS, STEPS, full_grads, make_optimizer, tiny_model
+from tests.fsdp_cases import (
+    BAD_STEP,
+    NAMES,
+    OPTIONS,
+    STACKED,
+    STEPS,
+    every_tensor_stacked,
+    full_grads,
+    make_optimizer,
+    tiny_model,
+)
 from tests.fsdp_layouts import Meshes, build, describe, fsdp2_model, full, layouts, set_grads, tp_fsdp_model
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
@@ -238,6 +248,9 @@ def all_cases(rank: int, world: int) -> dict[str, Any]:
             out[("collectives", layout)] = count_collectives(layout, meshes)
         for option in ("module", "ema"):
             out[("swapped", option)] = swapped(meshes, option)
+        with every_tensor_stacked() as stacked:
+            out[("stacked", "fsdp2")] = run_case("fsdp2", STACKED, meshes)
+        out[("stacked", "fsdp2")]["stacks"] = stacked
     if world <= 2:
         out[("train",)] = train(fsdp2_model(meshes.flat), rank, world)
     if world == 4:

@@ -19,7 +19,10 @@ from tests.fsdp_cases import (
     BAD_STEP,
     NAMES,
     OPTIONS,
+    STACKED,
+    STEPS,
     WITHOUT_REFERENCE,
+    every_tensor_stacked,
     initial,
     make_optimizer,
     reference,
@@ -84,6 +87,24 @@ def test_sharded_matches_reference(world: int, layout: str) -> None:
     for n in NAMES:
         assert torch.equal(got["exp_avg"][n], ref["exp_avg"][n]), n
         torch.testing.assert_close(got["params"][n], ref["params"][n], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("world", WORLDS[1:])
+def test_compiled_stacked_route_sharded_equals_single_process(world: int) -> None:
+    """use_triton=True with every tensor on the stacked route: FSDP2 shards (uneven, some empty) give the
+    single-process result bit for bit, and that one matches the eager path within the compiled path's
+    tolerance (one rounding of ``g * (1 - b)`` per step, tests/test_core_reference.py)."""
+    with every_tensor_stacked() as stacked:
+        want = single_process(STACKED)
+    assert stacked, "the single-process run took no stack"
+    eager = expected("module")
+    for n in NAMES:
+        torch.testing.assert_close(want["exp_avg"][n], eager["exp_avg"][n], rtol=0, atol=STEPS * 2.0**-22)
+        torch.testing.assert_close(want["params"][n], eager["params"][n], rtol=0, atol=1e-7)
+    for rank, res in enumerate(results(world)):
+        got = res[("stacked", "fsdp2")]
+        assert got["stacks"], f"rank {rank} took no stack"
+        assert_same(got, want, f"W={world} fsdp2 stacked rank {rank}")
 
 
 def test_layouts_are_what_they_claim() -> None:
