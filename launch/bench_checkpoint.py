@@ -12,8 +12,9 @@ and load with checksums switched off (hashing replaced by nothing, verification 
 ``--repeats`` times each, in alternating order; the fastest of each is compared. Since the
 difference of two noisy times is noisier still, the median of the paired ratios (each run
 against the one beside it) is printed too, and the time a load waits for its files'
-checksums (median over the runs; hashing starts early and overlaps the load's other work). ``--cold`` evicts the
-checkpoint from the page cache before each load, as a restart on another node finds it.
+checksums (median over the runs; hashing starts early and overlaps the load's other work).
+``--cold`` evicts the checkpoint from the page cache before each load, as a restart on
+another node finds it.
 
     python launch/bench_checkpoint.py [--worlds 1 2 4] [--blocks 12] [--repeats 3] [--cold] [--dir /tmp/ckpt_bench]
 """

@@ -128,10 +128,10 @@ class FileHash:
     of the whole file: reading them into a buffer first costs more than the hash (a 681 MB
     file: 37 ms to copy, 26 ms to hash, on one core here). A job is then one call that
     releases the GIL, so it needs the GIL back only once: while the load's own thread runs
-    Python, a hashing thread waits up to the interpreter's switch interval each time it
-    does (a map, a size check and an unmap per block made that three times as slow). The price is
-    the one every memory-mapped reader pays (``safetensors``, ``torch.load(mmap=True)``): a
-    file truncated by another process while it is hashed ends this process with SIGBUS
+    Python, a hashing thread waits up to the interpreter's switch interval each time it does
+    (a map, a size check and an unmap per block made that three times as slow). The price
+    is the one every memory-mapped reader pays (``safetensors``, ``torch.load(mmap=True)``):
+    a file truncated by another process while it is hashed ends this process with SIGBUS
     instead of an error. This library never changes a committed checkpoint's files in place.
     """
 
@@ -148,12 +148,8 @@ class FileHash:
         except OSError as e:
             self._error = e
         self._view = memoryview(self._mapped) if self._mapped is not None else memoryview(b"")
-        if self._error is not None:
-            ranges: list[tuple[int, int]] = []
-        elif algorithm == ALGORITHM:
-            ranges = [(start, min(start + BLOCK, size)) for start in range(0, size, BLOCK)]
-        else:
-            ranges = [(0, size)]
+        parts = [(0, size)] if algorithm != ALGORITHM else [(s, min(s + BLOCK, size)) for s in range(0, size, BLOCK)]
+        ranges = [] if self._error is not None else parts
         self.jobs: list[Callable[[], Part]] = [functools.partial(self._run, start, stop) for start, stop in ranges]
 
     def _run(self, start: int, stop: int) -> Part:
