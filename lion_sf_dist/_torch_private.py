@@ -1,14 +1,13 @@
 """Every private torch name lion_sf_dist uses, in one fenced place, each with the reason.
 
-Checked on torch 2.13.0 (``CHECKED_ON``); ``tests/test_private_names.py`` asserts that each
+Checked on torch 2.13.0 (``CHECKED_ON``); ``tests/test_structure.py`` asserts that each
 still exists, so a torch release that renames one fails there, not in a user's run.
 Nothing else in the package names a private torch attribute or module.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -111,22 +110,27 @@ def version(t: Tensor) -> int:
     return t._version
 
 
-def recompile_limit_hit() -> type[Exception]:
-    """The exception ``torch.compile(fullgraph=True)`` raises past dynamo's recompile limit (caught to run eagerly)."""
-    import torch._dynamo.exc
+def compile_unguarded(compiled: Any, args: tuple) -> Optional[Callable[..., Any]]:
+    """``compiled`` (``torch.compile(fn, fullgraph=True)``) traced now for ``args``, without running it, and
+    returned as a function called without dynamo's guards; ``None`` when inductor's caches are disabled.
 
-    return torch._dynamo.exc.FailOnRecompileLimitHit
-
-
-def no_duck_shapes() -> contextlib.AbstractContextManager:
-    """Inside, dynamo gives every dynamic size its own symbol (``use_duck_shape=False``).
-
-    With duck shaping, tensors that happen to share a size share a symbol and a guard, and
-    a later batch whose sizes coincide differently compiles a graph of its own.
+    ``aot_compile`` (dynamo's experimental ahead-of-time compile, ``torch._dynamo.aot_compile``) and
+    its ``disable_guard_check``: the compiled path calls a graph dozens of times a step and its
+    guards cost more than a loop over a small tensor; it keeps what they would check itself (the
+    batch plan of :mod:`lion_sf_dist.kernel.compiled`). Traced with ``use_duck_shape=False``
+    (``torch.fx.experimental._config``), so every dynamic size gets its own symbol and tensors
+    that happen to share a size in the traced batch do not make the graph assume they always
+    do. It needs inductor's caches (it raises with ``torch.compiler.config.force_disable_caches``).
     """
+    import torch.compiler.config
     import torch.fx.experimental._config
 
-    return torch.fx.experimental._config.patch(use_duck_shape=False)  # type: ignore[attr-defined]
+    if torch.compiler.config.force_disable_caches:
+        return None
+    with torch.fx.experimental._config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
+        graph = compiled.aot_compile((args, {}))
+    graph.disable_guard_check()
+    return graph
 
 
 def dispatch_mode() -> type:
@@ -193,14 +197,25 @@ def names() -> dict[str, bool]:
         "nn.Module._non_persistent_buffers_set": isinstance(getattr(module, "_non_persistent_buffers_set", None), set),
         "torch._chunk_cat": hasattr(torch, "_chunk_cat"),
         "Tensor._version": isinstance(torch.zeros(1)._version, int),
-        "FailOnRecompileLimitHit": issubclass(recompile_limit_hit(), Exception),
         "torch.fx.experimental._config.use_duck_shape": hasattr(torch.fx.experimental._config, "use_duck_shape"),
+        "torch.compile(fn).aot_compile": callable(getattr(torch.compile(_identity), "aot_compile", None)),
+        "AOTCompiledFunction.disable_guard_check": _has_disable_guard_check(),
         "TorchDispatchMode": isinstance(dispatch_mode(), type),
         "compute_local_shape_and_global_offset": _has_local_offsets(),
         "OptimizedModule._orig_mod": compiled_inner_module(torch.compile(module)) is module,  # type: ignore[arg-type]
         "FSDP1 _fsdp_flattened": getattr(_common_utils, "FSDP_FLATTENED", None) == "_fsdp_flattened",
         "DCP metadata pickle names": len(dcp_metadata_pickle_names()) == 9,
     }
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def _has_disable_guard_check() -> bool:
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+
+    return callable(getattr(AOTCompiledFunction, "disable_guard_check", None))
 
 
 def _has_local_offsets() -> bool:

@@ -2,11 +2,13 @@
 
 Betas are tensors and sizes dynamic, so changing either compiles nothing new; a new
 dtype pattern is a new graph, and past the variant budget the kernel runs the eager
-path with one warning. Results are compared with the eager chunked path: counts
-exactly; ``exp_avg`` and parameters within what inductor's possibly unfused
-``m * b + g * (1 - b)`` allows (one rounding of ``g * (1 - b)``, 2**-24 * |g| per step;
-the parameters' steps are exactly ``+-lr`` for the fixed scales used here, and ``u``
-flips only if ``c`` is within that of 0, which these seeded data avoid).
+path with one warning. Graphs run without dynamo's guards, so the tests also show that
+what the guards would have caught is kept out of them by the batch plan. Results are
+compared with the eager chunked path: counts exactly; ``exp_avg`` and parameters within
+what inductor's possibly unfused ``m * b + g * (1 - b)`` allows (one rounding of
+``g * (1 - b)``, 2**-24 * |g| per step; the parameters' steps are exactly ``+-lr`` for
+the fixed scales used here, and ``u`` flips only if ``c`` is within that of 0, which
+these seeded data avoid).
 """
 
 from __future__ import annotations
@@ -47,8 +49,11 @@ def _pair_step(compiled: Kernel, eager: Kernel, state: dict, idx: list[int], b1:
 def test_changing_betas_and_tensor_sets_compile_within_a_bound(monkeypatch, batch):
     """CPU calls take one tensor; GPU calls several, the last batch padded with dummies (run here on CPU)."""
     monkeypatch.setattr(kernel.compiled, "COMPILE_BATCH", {"cpu": batch})
-    monkeypatch.setattr(kernel.compiled, "_variants", {"count": set(), "apply": set()})
+    monkeypatch.setattr(kernel.compiled, "_graphs", {"count": {}, "apply": {}})
     monkeypatch.setattr(kernel.compiled, "MAX_COMPILED_VARIANTS", 2)
+    traced: list[tuple] = []
+    real = kernel.compiled.compile_unguarded
+    monkeypatch.setattr(kernel.compiled, "compile_unguarded", lambda fn, args: traced.append(args) or real(fn, args))
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=gen) for s in SHAPES]
     state = {k: [t.clone() * (0.1 if k[0] == "m" else 1.0) for t in init] for k in ("pc", "mc", "pe", "me")}
@@ -67,26 +72,35 @@ def test_changing_betas_and_tensor_sets_compile_within_a_bound(monkeypatch, batc
             _pair_step(compiled, eager, state, [0, 1, 3], 0.9, 0.99, gen, dtype=torch.bfloat16)
     fallbacks = [w for w in caught if issubclass(w.category, RuntimeWarning) and "eager path" in str(w.message)]
     assert len(fallbacks) == 1, [str(w.message) for w in caught]
-    assert len(kernel.compiled._variants["apply"]) == 2
+    assert len(kernel.compiled._graphs["apply"]) == 2
+    assert len(traced) == 4  # a graph per function and kind, traced once: 12 steps of new sets and betas reuse them
 
 
-def test_dynamo_recompile_limit_falls_back_to_eager(monkeypatch):
-    """Should dynamo refuse to compile (its limit hit through graphs we did not predict), the step runs eagerly."""
-    monkeypatch.setattr(kernel.compiled, "_variants", {"count": set(), "apply": set()})
-
-    def refuse(fn, **kwargs):
-        def run(*args):
-            raise torch._dynamo.exc.FailOnRecompileLimitHit("recompile limit hit")
-
-        return run
-
-    monkeypatch.setattr(torch, "compile", refuse)
+def test_without_inductor_caches_the_step_runs_eagerly(monkeypatch):
+    """Graphs are compiled ahead of their calls, which needs inductor's caches: with them disabled, one warning
+    names the cause and the step runs on the eager path, with its results."""
+    monkeypatch.setattr(kernel.compiled, "_graphs", {"count": {}, "apply": {}})
     ps, ms, gs = [torch.ones(4)], [torch.zeros(4)], [torch.full((4,), -1.0)]
     kern = Kernel(True)
-    with pytest.warns(RuntimeWarning, match="eager path"):
+    with torch.compiler.config.patch(force_disable_caches=True), \
+            pytest.warns(RuntimeWarning, match="TORCHINDUCTOR_FORCE_DISABLE_CACHES.*eager path"):
         rows = kern.count(ms, gs, (0.9,))
         kern.apply(ps, ms, gs, torch.tensor([-0.5]), torch.tensor([1.0]), torch.tensor([True]), (0.9,), (0.99,))
     assert rows.tolist() == [[4, 0]] and torch.equal(ps[0], torch.full((4,), 1.5))
+    assert kernel.compiled._graphs == {"count": {}, "apply": {}}
+
+
+def test_a_parameter_whose_tensors_differ_in_size_is_refused_before_anything_runs(monkeypatch):
+    """An unguarded graph trusts its tensors' sizes: a gradient the size of another parameter's is refused by the
+    batch plan, with the sizes named, before a graph is called or a tensor written."""
+    monkeypatch.setattr(kernel.compiled, "_graphs", {"count": {}, "apply": {}})
+    ps, ms = [torch.ones(6), torch.ones(9)], [torch.zeros(6), torch.zeros(9)]
+    gs = [torch.ones(6), torch.ones(8)]
+    tables = torch.full((2,), -1e-2), torch.ones(2), torch.ones(2, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"different sizes \(9, 9, 8\)"):
+        Kernel(True).apply(ps, ms, gs, *tables, (0.9,) * 2, (0.99,) * 2)
+    assert torch.equal(ps[0], torch.ones(6)) and torch.equal(ms[0], torch.zeros(6))
+    assert kernel.compiled._graphs["apply"] == {}
 
 
 def test_batch_plans_are_built_once_for_count_and_apply(monkeypatch):
@@ -147,22 +161,27 @@ def test_small_tensors_of_one_size_step_as_stacks(monkeypatch, batch):
 
 
 def test_parameter_and_gradient_of_different_layouts(monkeypatch):
-    """A transposed parameter with a contiguous gradient (as a DDP bucket view gives it), and the reverse, step
-    as on the eager path (they take its chunked route: a compiled call takes contiguous tensors flat)."""
+    """A transposed parameter with a contiguous gradient (as a DDP bucket view gives it), the reverse, and one
+    transposed in all three tensors step as on the eager path: they take its chunked route, since a compiled
+    call takes contiguous tensors flat (an unguarded graph traced for one stride pattern must not see another)."""
     gen = torch.Generator().manual_seed(5)
-    ps_e = [torch.randn(5, 7, generator=gen).t(), torch.randn(7, 5, generator=gen), torch.randn(40, generator=gen)]
-    ms_e = [torch.randn(7, 5, generator=gen) * 0.1, torch.randn(5, 7, generator=gen).t() * 0.1, torch.zeros(40)]
+    ps_e = [torch.randn(5, 7, generator=gen).t(), torch.randn(7, 5, generator=gen), torch.randn(40, generator=gen),
+            torch.randn(6, 3, generator=gen).t()]
+    ms_e = [torch.randn(7, 5, generator=gen) * 0.1, torch.randn(5, 7, generator=gen).t() * 0.1, torch.zeros(40),
+            torch.randn(6, 3, generator=gen).t() * 0.1]
     ps_c, ms_c = [p.clone() for p in ps_e], [m.clone() for m in ms_e]
-    assert [p.is_contiguous() for p in ps_c] == [False, True, True] and not ms_c[1].is_contiguous()
+    assert [p.is_contiguous() for p in ps_c] == [False, True, True, False] and not ms_c[1].is_contiguous()
+    assert not ms_c[3].is_contiguous()
     compiled, eager = Kernel(True), Kernel(False)
     for _ in range(2):
         gs = [torch.randn(p.shape, generator=gen) for p in ps_e]
-        rows_c, rows_e = compiled.count(ms_c, gs, (0.9,) * 3), eager.count(ms_e, gs, (0.9,) * 3)
+        gs[3] = torch.randn(6, 3, generator=gen).t()
+        rows_c, rows_e = compiled.count(ms_c, gs, (0.9,) * 4), eager.count(ms_e, gs, (0.9,) * 4)
         assert torch.equal(rows_c, rows_e)
-        tables = torch.full((3,), -1e-2), torch.full((3,), 1 - 1e-3), torch.ones(3, dtype=torch.bool)
-        compiled.apply(ps_c, ms_c, gs, *tables, (0.9,) * 3, (0.99,) * 3)
-        eager.apply(ps_e, ms_e, gs, *tables, (0.9,) * 3, (0.99,) * 3)
-        for i in range(2):  # the chunked route itself: bitwise
+        tables = torch.full((4,), -1e-2), torch.full((4,), 1 - 1e-3), torch.ones(4, dtype=torch.bool)
+        compiled.apply(ps_c, ms_c, gs, *tables, (0.9,) * 4, (0.99,) * 4)
+        eager.apply(ps_e, ms_e, gs, *tables, (0.9,) * 4, (0.99,) * 4)
+        for i in (0, 1, 3):  # the chunked route itself: bitwise
             assert torch.equal(ps_c[i], ps_e[i]) and torch.equal(ms_c[i], ms_e[i])
         torch.testing.assert_close(ps_c[2], ps_e[2], rtol=2.0**-22, atol=1e-8)
 

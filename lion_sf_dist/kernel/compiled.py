@@ -1,4 +1,4 @@
-"""The compiled path (``use_triton=True``): batches of tensors through ``torch.compile``-d calls.
+"""The compiled path (``use_triton=True``): batches of tensors through ``torch.compile``-d graphs.
 
 One fused loop per tensor (Triton on GPU, C++ on CPU) with no temporaries: the maths of
 :mod:`lion_sf_dist.kernel.update`, traced. Betas come as tensors and sizes are dynamic, so a
@@ -6,6 +6,11 @@ change of betas or of the set of tensors does not recompile; a new kind of batch
 :data:`MAX_COMPILED_VARIANTS` runs on the eager path instead, with one warning. Small
 tensors of equal size (biases, norms) are stacked and stepped together by the same maths
 run eagerly, a few ops per stack instead of a compiled call each (:data:`STACK_NUMEL`).
+
+Each graph is traced once, for its kind of batch, and called without dynamo's guards: the
+batch plan below keeps what the guards would check (device, dtypes, flat contiguous
+tensors, size classes, equal sizes within a tensor's triple), and the guards cost more
+than a loop over a bias.
 """
 
 from __future__ import annotations
@@ -16,20 +21,20 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from lion_sf_dist._torch_private import no_duck_shapes, recompile_limit_hit
+from lion_sf_dist._torch_private import compile_unguarded
 from lion_sf_dist.devices import to_device
 from lion_sf_dist.kernel import chunked, update
-from lion_sf_dist.kernel.tensors import Views, by_key, detached_flat, flat, pick
+from lion_sf_dist.kernel.tensors import Views, by_key, detached_flat, pick
 from lion_sf_dist.kernel.update import F32, StepValues
 from lion_sf_dist.rounding import IndexMap, Rounding, random16, stochastic_bf16
 
 # Tensors per compiled call, by device type. Sizes are dynamic and tensors flat, so one
 # graph serves every batch of one dtype pattern: compile time is that of one batch, whatever
 # the model, and a model whose set of tensors changes (frozen layers, MoE) keeps its graphs.
-# On CPU one tensor per call: the 144-tensor bench model compiles cold in 12-15 s and steps
-# at 1.8x AdamW(fused); graphs of 4 or 8 tensors generated loops several times slower here
-# (5x AdamW fused) and compiled for 50-80 s. On GPUs a call's guards (~80 us) cost host
-# time the kernels do not hide, so calls carry 8 tensors (not measured on a GPU yet).
+# On CPU one tensor per call: the 144-tensor bench model compiles cold in 15-17 s; calls of 4
+# tensors stepped no faster (1.41x against 1.43x AdamW fused, side by side) and compiled
+# longer (18 s cold; 8 tensors: 27 s). On GPUs a call's host time (~15 us without guards)
+# is not hidden by small kernels, so calls carry 8 tensors (not measured on a GPU yet).
 COMPILE_BATCH = {"cpu": 1}
 DEFAULT_COMPILE_BATCH = 8
 
@@ -46,23 +51,23 @@ def compile_batch(device: torch.device) -> int:
 STACK_NUMEL = 1 << 14
 STACK_MIN = 4
 
-# Distinct compiled graphs per function and process (dtype patterns, with/without rounding).
-# Dynamo keeps at most ``recompile_limit`` (8 in torch 2.13) and with ``fullgraph=True``
-# raises past it; staying below leaves room for graphs dynamo splits on guards we do not predict.
+# Distinct compiled graphs per function and process (devices, dtype patterns, size classes,
+# tensors per call, with/without rounding): each costs a cold compile (seconds), so a model whose kinds keep
+# changing steps eagerly past this many instead of compiling without end.
 MAX_COMPILED_VARIANTS = 4
-_PLANS_KEPT = 4  # a step's count and apply plans (two lists of tensors each), and the last step's
-_variants: dict[str, set] = {"count": set(), "apply": set()}
+_PLANS_KEPT = 4  # a step's count and apply plans (two and three lists of tensors), and the last step's
+_graphs: dict[str, dict[tuple, Callable]] = {"count": {}, "apply": {}}
 
 
 def _compiled_count(ms: list[Tensor], gs: list[Tensor], coefs: Tensor, take: Tensor) -> Tensor:
-    """``[K, 2]`` counts of every ``(m, g)``; ``coefs[take[i]] = (b1, 1 - b1, b2, 1 - b2)`` in float32.
+    """``[K, 2]`` counts of every flat ``(m, g)``; ``coefs[take[i]] = (b1, 1 - b1, b2, 1 - b2)`` in float32.
 
     (The per-segment tables come whole with the batch's rows ``take``: indexing inside the
     graph costs nothing, outside it an op per call.)
     """
     coefs = coefs[take]
     return torch.stack(
-        [update.count_agreement(flat(m), flat(g), (coefs[i, 0], coefs[i, 1])) for i, (m, g) in enumerate(zip(ms, gs))]
+        [update.count_agreement(m, g, (coefs[i, 0], coefs[i, 1])) for i, (m, g) in enumerate(zip(ms, gs))]
     )
 
 
@@ -78,7 +83,7 @@ def _compiled_apply(
     where: Optional[Tensor],
     take: Tensor,
 ) -> None:
-    """``update.apply_update`` of every tensor; with ``keys`` (``[K, 2]``) stochastic rounding. All
+    """``update.apply_update`` of every flat tensor; with ``keys`` (``[K, 2]``) stochastic rounding. All
     tables come whole, with the batch's rows ``take``.
 
     ``where[i] = (base, outer stride, inner stride, inner size)``: local flat position ``j``
@@ -89,17 +94,16 @@ def _compiled_apply(
     keys = None if keys is None else keys[take]
     where = None if where is None else where[take]
     for i, (p, m, g) in enumerate(zip(ps, ms, gs)):
-        pf, mf, gf = flat(p), flat(m), flat(g)
         draws = None
         if keys is not None and where is not None:
             j = torch.arange(p.numel(), device=p.device)
             base, outer, inner, size = where[i].unbind()
-            positions = (base + (j // size) * outer + (j % size) * inner).view(pf.shape)
+            positions = base + (j // size) * outer + (j % size) * inner
             draws = (_bits_draw(keys[i, 0], positions), _bits_draw(keys[i, 1], positions))
         update.apply_update(
-            pf,
-            mf,
-            gf,
+            p,
+            m,
+            g,
             step_size[i],
             decay[i],
             keep[i],
@@ -142,33 +146,38 @@ def _index_rows(index: Sequence[IndexMap]) -> Optional[list[tuple[int, int, int,
 
 
 class _Batches:
-    """How one step's tensors are cut into compiled calls and eager stacks.
+    """How one step's tensors are cut into compiled calls and eager stacks, from their :func:`_signature`.
 
-    ``eager``: segments whose tensors differ in contiguity (a parameter's transpose with the
-    contiguous gradient a DDP bucket gives it: a compiled call takes contiguous tensors flat)
-    and, when ``counting``, tensors too large for a compiled count's int32 sums
+    ``eager``: tensors that are not all contiguous (a compiled call takes its tensors flat;
+    a transposed parameter, or its contiguous gradient from a DDP bucket) and, when
+    ``counting``, tensors too large for a compiled count's int32 sums
     (:data:`~lion_sf_dist.kernel.update.EXACT_INT32_COUNT`): these run on the chunked eager
-    path. ``stacks``: small contiguous tensors of one size and dtypes, :data:`STACK_MIN` or
-    more (when ``stacking``). The others, by dtypes, layout and size class (0, 1, more
-    elements: dynamo specialises sizes 0 and 1), in batches of :func:`compile_batch`, the
-    last one padded with small dummy tensors (step 0, kept unchanged). Rows come back
-    batches first, then stacks, then eager segments; ``inverse`` puts them in the tensors'
-    order. Index tensors live on the device.
+    path. ``stacks``: small tensors of one size and dtypes, :data:`STACK_MIN` or more (when
+    ``stacking``). The others, by dtypes and size class (0, 1, more elements: dynamo
+    specialises sizes 0 and 1), in batches of :func:`compile_batch`, the last one padded
+    with small dummy tensors (step 0, kept unchanged). Rows come back batches first, then
+    stacks, then eager segments; ``inverse`` puts them in the tensors' order. Index tensors
+    live on the device.
     """
 
-    def __init__(self, lists: Sequence[Sequence[Tensor]], device: torch.device, stacking: bool, counting: bool) -> None:
-        n = len(lists[0])
+    def __init__(
+        self, signatures: Sequence[tuple], lists: int, device: torch.device, stacking: bool, counting: bool
+    ) -> None:
+        n = len(signatures)
         size = compile_batch(device)
+        for sig in signatures:
+            if len(set(sig[:lists])) > 1:  # the graphs run unguarded: a mismatch would read past a tensor
+                raise ValueError(
+                    f"LionSF's compiled kernel got one parameter's tensors with different sizes {sig[:lists]}"
+                )
         self.eager = [
-            i
-            for i, ts in enumerate(zip(*lists))
-            if len({t.is_contiguous() for t in ts}) > 1 or (counting and ts[0].numel() >= update.EXACT_INT32_COUNT)
+            i for i, sig in enumerate(signatures) if not sig[lists] or (counting and sig[0] >= update.EXACT_INT32_COUNT)
         ]
-        by_size = by_key([_stack_kind(ts) if stacking else None for ts in zip(*lists)])
+        by_size = by_key([_stack_kind(sig, lists) if stacking else None for sig in signatures])
         self.stacks = [idx for kind, idx in by_size.items() if kind is not None and len(idx) >= STACK_MIN]
         elsewhere = {i for idx in self.stacks for i in idx} | set(self.eager)
         rest = [i for i in range(n) if i not in elsewhere]
-        kinds = by_key([tuple(_batch_kind(ts[i]) for ts in lists) for i in rest])
+        kinds = by_key([(*signatures[i][lists + 1 :], min(signatures[i][0], 2)) for i in rest])
         self.batches: list[tuple[tuple, list[int]]] = []
         for kind, among_rest in kinds.items():
             idx = pick(rest, among_rest)
@@ -183,12 +192,9 @@ class _Batches:
         self.take = [to_device(torch.tensor(part, dtype=torch.int64), device) for _, part in self.batches]
         self.stack_take = [to_device(torch.tensor(idx, dtype=torch.int64), device) for idx in self.stacks]
         self.inverse = to_device(torch.tensor(inverse, dtype=torch.int64), device)
-        # distinct dummies per slot: dynamo guards on aliasing, repeated tensors would be a graph of their own
+        # distinct dummies per slot: a graph traced on a batch of dummies must not assume its inputs alias
         self.dummies = {
-            kind: [
-                [torch.zeros((numel,) if dense else (numel,) * dim, dtype=dtype, device=device) for _ in range(size)]
-                for dtype, dense, numel, dim in kind
-            ]
+            kind: [[torch.zeros(kind[-1], dtype=dtype, device=device) for _ in range(size)] for dtype in kind[:-1]]
             for kind, _ in self.batches
         }
 
@@ -202,11 +208,17 @@ class _Batches:
         ]
 
 
-def _stack_kind(ts: Sequence[Tensor]) -> Optional[tuple]:
-    """What tensors must share to be stacked (size and dtypes), or ``None`` when one cannot be."""
-    if ts[0].numel() > STACK_NUMEL or not all(t.is_contiguous() for t in ts):
+def _signature(ts: Sequence[Tensor]) -> tuple:
+    """What a step's plan depends on, for one tensor's ``(p, m, g)`` or ``(m, g)``: their sizes,
+    whether all are contiguous, their dtypes."""
+    return (*(t.numel() for t in ts), all(t.is_contiguous() for t in ts), *(t.dtype for t in ts))
+
+
+def _stack_kind(sig: tuple, lists: int) -> Optional[tuple]:
+    """What tensors must share to be stacked (size and dtypes), or ``None`` when they cannot be."""
+    if sig[0] > STACK_NUMEL or not sig[lists]:
         return None
-    return (ts[0].numel(), *(t.dtype for t in ts))
+    return (sig[0], *sig[lists + 1 :])
 
 
 def _stacked_count(ms: list[Tensor], gs: list[Tensor], coefs: Tensor) -> Tensor:
@@ -228,30 +240,22 @@ def _stacked_apply(
     torch._foreach_copy_(ms, list(m.unbind()))
 
 
-def _batch_kind(t: Tensor) -> tuple:
-    """What a compiled graph is specialised on: dtype, size class (dynamo specialises sizes 0 and 1) and, for
-    tensors that cannot be passed flat (non-contiguous), their rank."""
-    dense = t.is_contiguous()
-    return (t.dtype, dense, min(t.numel(), 2), 1 if dense else t.dim())
-
-
 def _padded(values: Tensor, fill: float | bool) -> Tensor:
     """``values`` with one more row (``fill``) for the dummies to index."""
     return torch.cat((values, torch.full((1, *values.shape[1:]), fill, dtype=values.dtype, device=values.device)))
 
 
 class CompiledKernel:
-    """The compiled path's state: its compiled functions, batch plan, per-segment tables and flat views.
+    """The compiled path's state: its batch plans, per-segment tables and flat views (the graphs are the process's).
 
     :meth:`count` and :meth:`apply` return ``None`` / ``False`` when they did nothing (a new
-    kind of batch past :data:`MAX_COMPILED_VARIANTS`, or dynamo refusing to compile), and
-    the caller runs an eager path instead.
+    kind of batch past :data:`MAX_COMPILED_VARIANTS`, or inductor unable to compile ahead
+    of time), and the caller runs an eager path instead.
     """
 
     def __init__(self) -> None:
-        self._compiled: dict[tuple[str, str], Callable] = {}
         self._coefs: Optional[tuple[tuple, Tensor]] = None
-        self._batches: dict[tuple, _Batches] = {}  # by device and tensor kinds, oldest first
+        self._batches: dict[tuple, _Batches] = {}  # by device and tensor signatures, oldest first
         self._where: Optional[tuple[tuple, Optional[Tensor]]] = None
         self._views = Views()
         self._warned = False
@@ -262,16 +266,11 @@ class CompiledKernel:
         plan = self._plan((ms, gs), device, stacking=True, counting=True)
         coefs = self._coef_tensor(beta1s, beta1s, device, padded=True)
         flat_ms, flat_gs = self._views.persistent(ms), detached_flat(gs)
-        parts = []
-        with no_duck_shapes():  # once per step: the config patch costs as much as a compiled call's guards
-            for b, take in enumerate(plan.take):
-                fn = self._compiled_fn("count", _compiled_count, plan.batches[b][0], False, device)
-                if fn is None:
-                    return None
-                done, rows = fn(*plan.lists(b, flat_ms, flat_gs), coefs, take)
-                if not done:
-                    return None
-                parts.append(rows)
+        calls = [(*plan.lists(b, flat_ms, flat_gs), coefs, take) for b, take in enumerate(plan.take)]
+        graphs = self._graphs("count", _compiled_count, plan, False, device, calls)
+        if graphs is None:
+            return None
+        parts = [graph(*args) for graph, args in zip(graphs, calls)]
         for idx, take in zip(plan.stacks, plan.stack_take):
             parts.append(_stacked_count(pick(flat_ms, idx), pick(flat_gs, idx), coefs[take]))
         if plan.eager:
@@ -292,27 +291,21 @@ class CompiledKernel:
         where = self._where_tensor(rounding, device) if rounding is not None else None
         if rounding is not None and where is None:
             return False  # a shard layout of more than two merged dims: the eager paths handle any
-        fns = []
-        for kind, _ in plan.batches:
-            fn = self._compiled_fn("apply", _compiled_apply, kind, rounding is not None, device)
-            if fn is None:
-                return False
-            fns.append(fn)
         coefs = self._coef_tensor(values.beta1s, values.beta2s, device, padded=True)
         step_size, decay, keep = _padded(values.step_size, 0.0), _padded(values.decay, 1.0), _padded(values.keep, False)
         keys = _padded(rounding.keys(), 0) if rounding is not None else None
         self._views.forget_unused([*ps, *ms])
         lists = self._views.persistent(ps), self._views.persistent(ms), detached_flat(gs)
-        with no_duck_shapes():
-            for b, (fn, take) in enumerate(zip(fns, plan.take)):
-                done, _ = fn(*plan.lists(b, *lists), step_size, decay, keep, coefs, keys, where, take)
-                if not done:  # only the first batch can fail (a new graph): nothing was written yet
-                    if b:
-                        raise RuntimeError("LionSF's compiled kernel failed after part of the step was applied")
-                    return False
+        tables = (step_size, decay, keep, coefs, keys, where)
+        calls = [(*plan.lists(b, *lists), *tables, take) for b, take in enumerate(plan.take)]
+        graphs = self._graphs("apply", _compiled_apply, plan, rounding is not None, device, calls)
+        if graphs is None:
+            return False
+        for graph, args in zip(graphs, calls):
+            graph(*args)
         for idx, take in zip(plan.stacks, plan.stack_take):
-            tables = (step_size[take], decay[take], keep[take], coefs[take])
-            _stacked_apply(pick(lists[0], idx), pick(lists[1], idx), pick(lists[2], idx), *tables)
+            rows = (step_size[take], decay[take], keep[take], coefs[take])
+            _stacked_apply(pick(lists[0], idx), pick(lists[1], idx), pick(lists[2], idx), *rows)
         if plan.eager:
             chunked.apply(ps, ms, gs, values, only=plan.eager)
         return True
@@ -321,15 +314,40 @@ class CompiledKernel:
         self, lists: tuple[Sequence[Tensor], ...], device: torch.device, stacking: bool, counting: bool
     ) -> _Batches:
         """The batch plan of these tensors, kept for the next steps (count's and apply's alike)."""
-        kinds = tuple(_batch_kind(t) for ts in lists for t in ts)
-        sizes = tuple(_stack_kind(ts) for ts in zip(*lists)) if stacking else None
-        huge = tuple(t.numel() >= update.EXACT_INT32_COUNT for t in lists[0]) if counting else None
-        key = (device, stacking, counting, kinds, sizes, huge)
+        signatures = tuple(_signature(ts) for ts in zip(*lists))
+        key = (device, stacking, counting, signatures)
         if key not in self._batches:
             if len(self._batches) >= _PLANS_KEPT:
                 del self._batches[next(iter(self._batches))]
-            self._batches[key] = _Batches(lists, device, stacking, counting)
+            self._batches[key] = _Batches(signatures, len(lists), device, stacking, counting)
         return self._batches[key]
+
+    def _graphs(
+        self, name: str, fn: Callable, plan: _Batches, rounding: bool, device: torch.device, calls: list[tuple]
+    ) -> Optional[list[Callable]]:
+        """The compiled graph of each batch of ``plan`` (``calls``: its arguments), compiling new kinds now
+        (without running them), or ``None`` when one cannot be: then nothing has run."""
+        graphs = _graphs[name]
+        out = []
+        for (kind, part), args in zip(plan.batches, calls):
+            key = (device, kind, len(part), rounding)
+            if key not in graphs:
+                if len(graphs) >= MAX_COMPILED_VARIANTS:
+                    self._warn_fallback(
+                        f"more than {MAX_COMPILED_VARIANTS} kinds of tensor batches (devices, dtypes, size classes, "
+                        "rounding) were compiled in this process"
+                    )
+                    return None
+                graph = compile_unguarded(_compile(fn, device), args)
+                if graph is None:
+                    self._warn_fallback(
+                        "inductor's caches are disabled (TORCHINDUCTOR_FORCE_DISABLE_CACHES), and compiling "
+                        "a graph ahead of its calls needs them"
+                    )
+                    return None
+                graphs[key] = graph
+            out.append(graphs[key])
+        return out
 
     def _where_tensor(self, rounding: Rounding, device: torch.device) -> Optional[Tensor]:
         key = (rounding.index, device)
@@ -351,44 +369,11 @@ class CompiledKernel:
             self._coefs = (key, to_device(host, device))
         return self._coefs[1]
 
-    def _compiled_fn(
-        self, kind: str, fn: Callable, layout: tuple, rounding: bool, device: torch.device
-    ) -> Optional[Callable]:
-        """The compiled ``fn``, or ``None`` (eager) for a new variant once the variant budget is spent."""
-        variant = (device.type, layout, rounding)
-        seen = _variants[kind]
-        if variant not in seen:
-            if len(seen) >= MAX_COMPILED_VARIANTS:
-                self._warn_fallback()
-                return None
-            seen.add(variant)
-        key = (kind, device.type)
-        if key not in self._compiled:
-            self._compiled[key] = _guarded(_compile(fn, device), self)
-        return self._compiled[key]
-
-    def _warn_fallback(self) -> None:
+    def _warn_fallback(self, reason: str) -> None:
         if not self._warned:
             self._warned = True
             warnings.warn(
-                f"LionSF(use_triton=True): more than {MAX_COMPILED_VARIANTS} kinds of tensor batches (dtypes, layouts, "
-                "rounding) were compiled in this process; new kinds now run on the eager path, with the same maths, "
-                "instead of compiling again",
+                f"LionSF(use_triton=True): {reason}; such tensors now run on the eager path, with the same maths",
                 RuntimeWarning,
                 stacklevel=4,
             )
-
-
-def _guarded(compiled: Callable, kernel: CompiledKernel) -> Callable[..., tuple[bool, object]]:
-    """``(True, compiled(*args))``, or ``(False, None)`` when dynamo's recompile limit was hit through graphs we
-    did not predict (the caller then runs the eager path; nothing ran). Callers run it without duck shaping
-    (sizes get their own symbols), so batches whose tensors happen to share a size share the graph."""
-
-    def run(*args: object) -> tuple[bool, object]:
-        try:
-            return True, compiled(*args)
-        except recompile_limit_hit():
-            kernel._warn_fallback()
-            return False, None
-
-    return run
