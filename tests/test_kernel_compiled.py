@@ -45,9 +45,9 @@ def _pair_step(compiled: Kernel, eager: Kernel, state: dict, idx: list[int], b1:
         torch.testing.assert_close(ps_c[j], ps_e[j], rtol=2.0**-22, atol=1e-8 if dtype == torch.float32 else 2.0**-7)
 
 
-@pytest.mark.parametrize("batch", [1, 4], ids=["cpu-batches", "gpu-batches"])
+@pytest.mark.parametrize("batch", [1, 4], ids=["one-per-call", "four-per-call"])
 def test_changing_betas_and_tensor_sets_compile_within_a_bound(monkeypatch, batch):
-    """CPU calls take one tensor; GPU calls several, the last batch padded with dummies (run here on CPU)."""
+    """Calls of one tensor, and of four with the last batch padded with dummies (the CPU default; GPUs take 8)."""
     monkeypatch.setattr(kernel.compiled, "COMPILE_BATCH", {"cpu": batch})
     monkeypatch.setattr(kernel.compiled, "_graphs", {"count": {}, "apply": {}})
     monkeypatch.setattr(kernel.compiled, "MAX_COMPILED_VARIANTS", 2)
@@ -120,7 +120,7 @@ def test_batch_plans_are_built_once_for_count_and_apply(monkeypatch):
     assert len(built) == 2
 
 
-@pytest.mark.parametrize("batch", [1, 4], ids=["cpu-batches", "gpu-batches"])
+@pytest.mark.parametrize("batch", [1, 4], ids=["one-per-call", "four-per-call"])
 def test_small_tensors_of_one_size_step_as_stacks(monkeypatch, batch):
     """Small contiguous tensors sharing a size and dtypes are stepped as one stack, the others by compiled calls;
     rows come back in the tensors' order, a skipped unit's stacked tensor keeps its values, and counts and
