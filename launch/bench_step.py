@@ -11,7 +11,7 @@ the peak memory a step allocates beyond what it holds, and the optimizer state p
 kernel launch on a GPU), on ``meta`` tensors shaped like GPT-2 small and Llama-7B, for
 LionSF's chunked and multi-tensor paths and for AdamW.
 
-    python launch/bench_step.py [--blocks 12] [--rounds 7] [--threads 2] [--device cuda] [--count-ops]
+    python launch/bench_step.py [--blocks 12] [--rounds 11] [--threads 2] [--device cuda] [--count-ops]
 
 On a GPU (``--device cuda``) each timed step ends with a device synchronisation and the
 memory column is the step's peak device allocation beyond what the optimizer holds.
