@@ -294,8 +294,7 @@ class CompiledKernel:
         coefs = self._coef_tensor(values.beta1s, values.beta2s, device, padded=True)
         step_size, decay, keep = _padded(values.step_size, 0.0), _padded(values.decay, 1.0), _padded(values.keep, False)
         keys = _padded(rounding.keys(), 0) if rounding is not None else None
-        self._views.forget_unused([*ps, *ms])
-        lists = self._views.persistent(ps), self._views.persistent(ms), detached_flat(gs)
+        lists = (*self._views.refresh(ps, ms), detached_flat(gs))
         tables = (step_size, decay, keep, coefs, keys, where)
         calls = [(*plan.lists(b, *lists), *tables, take) for b, take in enumerate(plan.take)]
         graphs = self._graphs("apply", _compiled_apply, plan, rounding is not None, device, calls)

@@ -98,9 +98,7 @@ class MultiTensorKernel:
         beta1s, beta2s = values.beta1s, values.beta2s
         if not dense:
             return
-        self.views.forget_unused([*ps, *ms])
-        pf = [self.views.flat(ps[i]) for i in dense]
-        mf = [self.views.flat(ms[i]) for i in dense]
+        pf, mf = self.views.refresh(pick(ps, dense), pick(ms, dense))
         gathered, gf = _gather_f32([gs[i] for i in dense], device)
         steps = step_size.view(-1, 1).unbind(0)
         decays = decay.view(-1, 1).unbind(0)

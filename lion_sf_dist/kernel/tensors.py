@@ -48,18 +48,28 @@ class Views:
         """:meth:`flat` of each of ``ts``."""
         return [self.flat(t) for t in ts]
 
-    def forget_unused(self, live: Sequence[Tensor]) -> None:
-        keys = set(map(_where_in_memory, live))
-        if any(k not in keys for k in self._views):
-            self._views = {k: v for k, v in self._views.items() if k in keys}
+    def refresh(self, *lists: Sequence[Tensor]) -> list[list[Tensor]]:
+        """:meth:`flat` of each tensor of ``lists``, forgetting the views of every other tensor (a step's
+        persistent tensors, once a step: each tensor's key is computed once)."""
+        old, self._views = self._views, {}
+        out = []
+        for ts in lists:
+            views = []
+            for t in ts:
+                key = _where_in_memory(t)
+                hit = old.get(key) or self._views.get(key) or (t, flat(t).detach())
+                self._views[key] = hit
+                views.append(hit[1])
+            out.append(views)
+        return out
 
 
 def detached_flat(ts: Sequence[Tensor]) -> list[Tensor]:
     """Flat (when contiguous) detached views of tensors that change every step (gradients).
 
-    Compiled calls take tensors flat and detached (same storage, no ``_base``): dynamo
-    guards on a view's base, which would make views of differently shaped parameters, and
-    the dummies, graphs of their own.
+    Compiled calls take tensors flat and detached (same storage, no ``_base``): a graph
+    traced on views would take its inputs for aliases of their bases, and views of
+    differently shaped parameters, and the dummies, would not fit one graph.
     """
     return [flat(t).detach() for t in ts]
 
