@@ -56,7 +56,9 @@ def _step(kern: Kernel, ps, ms, gs, transpose_last: bool = False):
     [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16, torch.float32],
 ], ids=["fp32", "bf16", "mixed"])
 @pytest.mark.parametrize("transpose_last", [False, True], ids=["contiguous", "strided"])
-def test_foreach_matches_chunked_bitwise(dtypes, transpose_last):
+@pytest.mark.parametrize("chunk", [kernel.chunked.CHUNK, 1000], ids=["one-chunk", "many-chunks"])
+def test_foreach_matches_chunked_bitwise(dtypes, transpose_last, chunk, monkeypatch):
+    monkeypatch.setattr(kernel.chunked, "CHUNK", chunk)
     ps, ms, gs = _case(dtypes)
     rows_c, ps_c, ms_c = _step(Kernel(False), ps, ms, gs, transpose_last)
     rows_f, ps_f, ms_f = _step(Kernel(False, foreach=True), ps, ms, gs, transpose_last)
@@ -67,6 +69,27 @@ def test_foreach_matches_chunked_bitwise(dtypes, transpose_last):
         assert torch.equal(c, d), f"exp_avg {i} differs"
     for i in (3, 5):  # skipped units keep their values, NaN and Inf notwithstanding
         assert torch.equal(ps_f[i], ps[i]) and torch.equal(ms_f[i], ms[i])
+
+
+def test_chunked_counts_sum_over_chunks(monkeypatch):
+    """Chunk sums reduced per tensor equal the count written from the formula over the whole tensor,
+    for empty tensors, single chunks, a ragged last chunk and a non-finite value in a middle chunk."""
+    monkeypatch.setattr(kernel.chunked, "CHUNK", 7)
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(0,), (5, 3), (40,), (7,), (13, 2), (6,)]
+    ms = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
+    gs = [torch.randn(s, generator=gen) for s in shapes]
+    gs[2][::3] = 0.0
+    gs[4][5, 1] = float("inf")  # element 11: the first of 4 chunks is clean, the second is not
+    rows = kernel.chunked.count(ms, gs, [0.9] * len(shapes))
+    for i, (m, g) in enumerate(zip(ms, gs)):
+        c = m.double() * 0.9 + g.double() * 0.1
+        agree = int(((c > 0) & (g > 0) | (c < 0) & (g < 0)).sum())
+        expected = [agree, int((~torch.isfinite(g)).any())]
+        assert rows[i].tolist() == expected, f"tensor {i}: {rows[i].tolist()} != {expected}"
+        if g.numel() > 7:
+            first = kernel.chunked.count([m.reshape(-1)[:7]], [g.reshape(-1)[:7]], [0.9])[0].tolist()
+            assert first != expected, f"tensor {i}: its first chunk alone would pass"
 
 
 def test_foreach_without_nan_cleaning_is_caught(monkeypatch):

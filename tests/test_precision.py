@@ -58,7 +58,7 @@ def test_bf16_arithmetic_is_caught(monkeypatch):
 
     def apply_bf16(p, m, g, step_size, decay, keep, beta1, beta2):
         u = m.mul(beta1).add_(g, alpha=1.0 - beta1).sign_()
-        p.mul_(decay).add_(u.mul_(step_size))
+        p.mul_(decay).addcmul_(u, step_size)
         m.mul_(torch.where(keep, beta2, 1.0)).add_(g.mul(keep).nan_to_num_(0.0, 0.0, 0.0), alpha=1.0 - beta2)
 
     monkeypatch.setattr(kernel.update, "apply_update", apply_bf16)

@@ -49,12 +49,28 @@ def _draw_fn(rounding: Rounding, seg: int, stream: int, start: int, shape: torch
 
 
 def count(ms: Sequence[Tensor], gs: Sequence[Tensor], beta1s: Sequence[float]) -> Tensor:
-    """``[S, 2]``: :func:`~lion_sf_dist.kernel.update.count_agreement` of each ``(m, g)``, summed over its chunks."""
-    rows = []
+    """``[S, 2]``: :func:`~lion_sf_dist.kernel.update.count_agreement` of each ``(m, g)``, summed over its chunks.
+
+    Each chunk leaves two float32 sums (:func:`~lion_sf_dist.kernel.update.agreement_sums`);
+    they are stacked once per step and reduced per tensor, a few small ops per tensor
+    instead of per chunk.
+    """
+    agree: list[Tensor] = []
+    poison: list[Tensor] = []
+    pieces: list[int] = []
     for m, g, beta1 in zip(ms, gs, beta1s):
-        parts = [update.count_agreement(mc, gc, beta1) for _, (mc, gc) in _flat_chunks(CHUNK, m, g)]
-        rows.append(parts[0] if len(parts) == 1 else torch.stack(parts).sum(0))
-    return torch.stack(rows)
+        chunks = _flat_chunks(CHUNK, m, g)
+        for _, (mc, gc) in chunks:
+            a, z = update.agreement_sums(mc, gc, beta1)
+            agree.append(a)
+            poison.append(z)
+        pieces.append(len(chunks))
+    a_all = torch.stack(agree).to(torch.int64)
+    z_all = torch.stack(poison)
+    if any(n != 1 for n in pieces):
+        a_all = torch.stack([a.sum() for a in a_all.split(pieces)])
+        z_all = torch.stack([z.sum() for z in z_all.split(pieces)])
+    return torch.stack((a_all, z_all.isnan().to(torch.int64)), dim=1)
 
 
 def apply(

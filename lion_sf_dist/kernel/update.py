@@ -95,13 +95,27 @@ def count_agreement(m: Tensor, g: Tensor, beta1: float | tuple[Tensor, Tensor], 
         # int64 on data in cache, 1.1x on a step's tensors streamed from memory.
         agree = ((c > 0) & (g > 0)) | ((c < 0) & (g < 0))
         return torch.stack((agree.sum(dtype=torch.int32), (g.mul(0.0) != 0).sum(dtype=torch.int32))).to(torch.int64)
-    u = c.sign_()
+    agree, poison = _agreement_sums(c, g32, g, [-1] if rows else None)
+    return torch.stack((agree.to(torch.int64), poison.isnan().to(torch.int64)), dim=-1)
+
+
+def agreement_sums(m: Tensor, g: Tensor, beta1: float) -> tuple[Tensor, Tensor]:
+    """Eager, one tensor of at most ``2**24`` elements: float32 sums ``(A, Z)``.
+
+    ``A`` is :func:`count_agreement`'s ``A``, exactly; ``Z`` is NaN exactly when ``g`` holds
+    a NaN or an Inf, else 0. Sums of several such pieces keep both meanings (``A`` summed
+    in int64), so a caller can reduce a tensor's chunks with a few ops per tensor.
+    """
+    g32 = _f32(g)
+    return _agreement_sums(_interp(_f32(m), g32, beta1), g32, g, None)
+
+
+def _agreement_sums(c: Tensor, g32: Tensor, g: Tensor, dims: Optional[list[int]]) -> tuple[Tensor, Tensor]:
+    """``(A, Z)`` of :func:`agreement_sums` from ``c`` (overwritten) over ``dims`` (``None``: all)."""
     # Eager CPU comparisons and isfinite cost several times more than arithmetic; a float32
-    # sum of zeros and ones is exact up to 2**24 elements, hence the caller's chunks.
-    dims = [-1] if rows else None
-    agree = u.mul_(g32).sign_().clamp_(min=0.0).sum(dims, dtype=torch.float32)
-    poisoned = g.mul(0.0).sum(dims, dtype=torch.float32).isnan()
-    return torch.stack((agree.to(torch.int64), poisoned.to(torch.int64)), dim=-1)
+    # sum of zeros and ones is exact up to 2**24 elements, hence the callers' chunks.
+    agree = c.sign_().mul_(g32).sign_().clamp_(min=0.0).sum(dims, dtype=torch.float32)
+    return agree, g.mul(0.0).sum(dims, dtype=torch.float32)
 
 
 def apply_update(
@@ -127,7 +141,8 @@ def apply_update(
     g32 = _f32(g)
     m32 = _f32(m)
     u = _interp(m32, g32, beta1).sign_()
-    p32 = _f32(p).mul_(decay).add_(u.mul_(step_size))
+    # u * step_size is exact (u is -1, 0 or 1), so addcmul rounds once, as p * decay + u * step_size.
+    p32 = _f32(p).mul_(decay).addcmul_(u, step_size)
     _momentum(m32, g32, keep, beta2)
     draw_p, draw_m = draws if draws is not None else (None, None)
     _store(p, p32, draw_p)
