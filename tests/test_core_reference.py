@@ -127,7 +127,7 @@ def test_pow0_is_lion_pytorch_bitwise():
 def test_wrong_formula_is_caught(monkeypatch):
     """The reference comparison fails on a subtly wrong count (>= 0 instead of > 0)."""
 
-    def count_nonnegative(m, g, beta1):
+    def count_nonnegative(m, g, beta1, scratch=None):
         u = m.mul(beta1).add_(g, alpha=1.0 - beta1).sign_()
         return (u.mul_(g) >= 0).sum(dtype=torch.float32), g.mul(0.0).sum()
 
@@ -142,7 +142,7 @@ def test_lerp_rounding_is_caught(monkeypatch):
     """docs/CONTRACT.md section 2 pins ``m.mul_(b2).add_(g, alpha=1 - b2)``; a lerp momentum update
     must fail the bitwise check."""
 
-    def apply_lerp(p, m, g, step_size, decay, keep, beta1, beta2):
+    def apply_lerp(p, m, g, step_size, decay, keep, beta1, beta2, draws=None, scratch=None):
         u = m.mul(beta1).add_(g, alpha=1.0 - beta1).sign_()
         p.mul_(decay).addcmul_(u, step_size)
         m.lerp_(g, 1.0 - beta2)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import lion_sf_dist.kernel as kernel
+from lion_sf_dist._torch_private import dispatch_mode
 from lion_sf_dist.kernel import Kernel
 from lion_sf_dist.opcount import count_ops, gpt2_small_shapes, llama7b_shapes
 
@@ -182,3 +183,47 @@ def test_foreach_views_survive_new_aliases():
     same = count_ops(lambda: kern.apply(ps, ms, gs, *args))  # warm: the views are remembered
     fresh = count_ops(aliased)
     assert fresh.ops["view"] - 2 * n == same.ops["view"], (fresh.ops["view"], same.ops["view"])  # the aliases only
+
+
+class _FreshTensors(dispatch_mode()):  # type: ignore[misc]
+    """Records ops that return a new tensor (no alias of an input: not in place, not ``out=``, not a view)
+    of more than ``min_numel`` elements."""
+
+    def __init__(self, min_numel: int) -> None:
+        super().__init__()
+        self.min_numel = min_numel
+        self.fresh: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        if returns and all(r.alias_info is None for r in returns):
+            outs = out if isinstance(out, (list, tuple)) else [out]
+            if any(isinstance(t, torch.Tensor) and t.numel() > self.min_numel for t in outs):
+                self.fresh.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_chunked_temporaries_reuse_scratch(dtype, monkeypatch):
+    """A steady-state chunked step allocates no chunk-sized temporary: each goes to the kernel's scratch
+    buffers (allocated chunk by chunk, they cost up to 300,000 page faults a step). The same step without
+    scratch is seen allocating, so the check can fail."""
+    monkeypatch.setattr(kernel.chunked, "CHUNK", 4096)  # 28 chunks: the per-step tables stay under 32 entries
+    kern = Kernel(False)
+    ps, ms, gs = _case([dtype] * len(SHAPES))
+    n = len(ps)
+    step, decay, keep = torch.full((n,), -1e-3), torch.full((n,), 0.999), torch.ones(n, dtype=torch.bool)
+
+    def one_step() -> None:
+        kern.count(ms, gs, BETAS1)
+        kern.apply(ps, ms, gs, step, decay, keep, BETAS1, BETAS2)
+
+    one_step()  # the first step allocates the buffers
+    with _FreshTensors(min_numel=32) as seen:
+        one_step()
+    assert seen.fresh == [], seen.fresh
+    monkeypatch.setattr(kern, "_scratch", None)
+    with _FreshTensors(min_numel=32) as seen:
+        one_step()
+    assert any("mul" in name for name in seen.fresh), seen.fresh

@@ -21,7 +21,7 @@ from torch import Tensor
 from lion_sf_dist.kernel import chunked
 from lion_sf_dist.kernel.compiled import CompiledKernel
 from lion_sf_dist.kernel.multi_tensor import MultiTensorKernel
-from lion_sf_dist.kernel.update import StepValues, apply_update, count_agreement, scales_from_counts
+from lion_sf_dist.kernel.update import Scratch, StepValues, apply_update, count_agreement, scales_from_counts
 from lion_sf_dist.rounding import Rounding
 
 __all__ = ["Kernel", "apply_update", "count_agreement", "scales_from_counts"]
@@ -43,6 +43,7 @@ class Kernel:
         self.foreach = foreach
         self._multi = MultiTensorKernel()
         self._compiled = CompiledKernel() if compiled else None
+        self._scratch = Scratch(chunked.CHUNK)
 
     def _multi_tensor(self, device: torch.device) -> Optional[MultiTensorKernel]:
         """The multi-tensor kernel when it is the eager path for ``device`` (``foreach=None``: on every non-CPU one)."""
@@ -59,7 +60,7 @@ class Kernel:
         rows = self._compiled.count(ms, gs, beta1s) if self._compiled is not None else None
         if rows is None:
             multi = self._multi_tensor(ms[0].device)
-            rows = multi.count(ms, gs, beta1s) if multi is not None else chunked.count(ms, gs, beta1s)
+            rows = multi.count(ms, gs, beta1s) if multi is not None else chunked.count(ms, gs, beta1s, self._scratch)
         return torch.stack((rows[:, 0] * (rows[:, 1] == 0), rows[:, 1]), dim=1)
 
     def apply(
@@ -85,6 +86,6 @@ class Kernel:
         if multi is not None:
             multi.apply(ps, ms, gs, values)
             return
-        chunked.apply(ps, ms, gs, values)
+        chunked.apply(ps, ms, gs, values, scratch=self._scratch)
 
     # -- compiled ---------------------------------------------------------------------

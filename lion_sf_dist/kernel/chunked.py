@@ -48,12 +48,14 @@ def _draw_fn(rounding: Rounding, seg: int, stream: int, start: int, shape: torch
     return draw
 
 
-def count(ms: Sequence[Tensor], gs: Sequence[Tensor], beta1s: Sequence[float]) -> Tensor:
+def count(
+    ms: Sequence[Tensor], gs: Sequence[Tensor], beta1s: Sequence[float], scratch: Optional[update.Scratch] = None
+) -> Tensor:
     """``[S, 2]``: :func:`~lion_sf_dist.kernel.update.count_agreement` of each ``(m, g)``, summed over its chunks.
 
     Each chunk leaves two float32 sums (:func:`~lion_sf_dist.kernel.update.agreement_sums`);
     they are stacked once per step and reduced per tensor, a few small ops per tensor
-    instead of per chunk.
+    instead of per chunk. ``scratch``: where the temporaries go (default: fresh tensors).
     """
     agree: list[Tensor] = []
     poison: list[Tensor] = []
@@ -61,7 +63,7 @@ def count(ms: Sequence[Tensor], gs: Sequence[Tensor], beta1s: Sequence[float]) -
     for m, g, beta1 in zip(ms, gs, beta1s):
         chunks = _flat_chunks(CHUNK, m, g)
         for _, (mc, gc) in chunks:
-            a, z = update.agreement_sums(mc, gc, beta1)
+            a, z = update.agreement_sums(mc, gc, beta1, scratch)
             agree.append(a)
             poison.append(z)
         pieces.append(len(chunks))
@@ -79,14 +81,15 @@ def apply(
     gs: Sequence[Tensor],
     values: update.StepValues,
     only: Optional[Sequence[int]] = None,
+    scratch: Optional[update.Scratch] = None,
 ) -> None:
-    """:func:`~lion_sf_dist.kernel.update.apply_update` chunk by chunk on segments ``only`` (default: all)."""
+    """:func:`~lion_sf_dist.kernel.update.apply_update` chunk by chunk on segments ``only`` (default: all).
+
+    ``scratch``: where the temporaries go (default: fresh tensors).
+    """
     a_all, d_all, k_all = values.step_size.unbind(), values.decay.unbind(), values.keep.unbind()
     rounding = values.rounding
     for i in range(len(ps)) if only is None else only:
         for start, (pc, mc, gc) in _flat_chunks(CHUNK, ps[i], ms[i], gs[i]):
             args = (pc, mc, gc, a_all[i], d_all[i], k_all[i], values.beta1s[i], values.beta2s[i])
-            if rounding is None:
-                update.apply_update(*args)  # positional only: tests swap in variants with the plain signature
-            else:
-                update.apply_update(*args, draws=_draws(rounding, i, start, pc.shape))
+            update.apply_update(*args, draws=_draws(rounding, i, start, pc.shape), scratch=scratch)

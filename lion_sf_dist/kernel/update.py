@@ -53,13 +53,50 @@ class StepValues:
     rounding: Optional[Rounding] = None
 
 
-def _f32(t: Tensor) -> Tensor:
-    """``t`` itself when float32 (no copy), else an exact float32 copy."""
-    return t if t.dtype == F32 else t.float()
+class Scratch:
+    """Float32 buffers the eager stages reuse from piece to piece, one per role.
+
+    Eager temporaries are a few chunks each; allocated fresh for every chunk, they are
+    mapped and unmapped by the C allocator whenever its thresholds say so, and a step of
+    the bench model then took up to 300,000 page faults (twice the time of one without).
+    Buffers of at most ``limit`` elements are kept; a larger request gets a fresh tensor.
+    Not thread-safe: one step uses it at a time.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._buffers: dict[tuple[int, torch.device], Tensor] = {}
+
+    def take(self, role: int, like: Tensor) -> Tensor:
+        """An uninitialised float32 tensor of ``like``'s shape and device, owned by ``role`` until its next take."""
+        n = like.numel()
+        if n > self._limit:
+            return torch.empty(like.shape, dtype=F32, device=like.device)
+        key = (role, like.device)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = torch.empty(self._limit, dtype=F32, device=like.device)
+        return buffer[:n].view(like.shape)
 
 
-def _interp(m32: Tensor, g32: Tensor, beta: float | tuple[Tensor, Tensor]) -> Tensor:
-    """``m * b + g * (1 - b)`` as a new float32 tensor.
+# Roles in a Scratch; the count and apply stages run one after the other and share them.
+_G, _M, _C, _P, _MASK = range(5)
+
+
+def _f32(t: Tensor, scratch: Optional[Scratch] = None, role: int = _G) -> Tensor:
+    """``t`` itself when float32 (no copy), else an exact float32 copy (into ``scratch``'s ``role`` if given)."""
+    if t.dtype == F32:
+        return t
+    return t.float() if scratch is None else scratch.take(role, t).copy_(t)
+
+
+def _new(like: Tensor, scratch: Optional[Scratch], role: int) -> Optional[Tensor]:
+    """``scratch``'s buffer ``role`` shaped like ``like``, or ``None`` (the op allocates) without one."""
+    return None if scratch is None else scratch.take(role, like)
+
+
+def _interp(m32: Tensor, g32: Tensor, beta: float | tuple[Tensor, Tensor], out: Optional[Tensor] = None) -> Tensor:
+    """``m * b + g * (1 - b)`` as a new float32 tensor (``out`` if given).
 
     Eager ``beta`` is a float and this is ``m.mul(b).add_(g, alpha=1 - b)`` (the rounding
     docs/CONTRACT.md pins); compiled it is ``(b, 1 - b)`` as 0-d tensors (both rounded from
@@ -68,15 +105,18 @@ def _interp(m32: Tensor, g32: Tensor, beta: float | tuple[Tensor, Tensor]) -> Te
     if isinstance(beta, tuple):
         b, one_minus_b = beta
         return m32 * b + g32 * one_minus_b
-    return m32.mul(beta).add_(g32, alpha=1.0 - beta)
+    return torch.mul(m32, beta, out=out).add_(g32, alpha=1.0 - beta)
 
 
-def _momentum(m32: Tensor, g32: Tensor, keep: Tensor, beta: float | tuple[Tensor, Tensor]) -> Tensor:
+def _momentum(
+    m32: Tensor, g32: Tensor, keep: Tensor, beta: float | tuple[Tensor, Tensor], scratch: Optional[Scratch]
+) -> Tensor:
     """``m * b + g * (1 - b)`` in place on float32 ``m32`` where ``keep``; ``m32`` unchanged otherwise."""
     if isinstance(beta, tuple):
         b, one_minus_b = beta
         return m32.mul_(torch.where(keep, b, 1.0)).add_(torch.where(keep, g32, 0.0) * one_minus_b)
-    return m32.mul_(torch.where(keep, beta, 1.0)).add_(_zeroed_unless(keep, g32), alpha=1.0 - beta)
+    masked = _zeroed_unless(keep, g32, _new(g32, scratch, _MASK))
+    return m32.mul_(torch.where(keep, beta, 1.0)).add_(masked, alpha=1.0 - beta)
 
 
 def count_agreement(m: Tensor, g: Tensor, beta1: float | tuple[Tensor, Tensor], rows: bool = False) -> Tensor:
@@ -95,27 +135,32 @@ def count_agreement(m: Tensor, g: Tensor, beta1: float | tuple[Tensor, Tensor], 
         # int64 on data in cache, 1.1x on a step's tensors streamed from memory.
         agree = ((c > 0) & (g > 0)) | ((c < 0) & (g < 0))
         return torch.stack((agree.sum(dtype=torch.int32), (g.mul(0.0) != 0).sum(dtype=torch.int32))).to(torch.int64)
-    agree, poison = _agreement_sums(c, g32, g, [-1] if rows else None)
+    agree, poison = _agreement_sums(c, g32, [-1] if rows else None, None)
     return torch.stack((agree.to(torch.int64), poison.isnan().to(torch.int64)), dim=-1)
 
 
-def agreement_sums(m: Tensor, g: Tensor, beta1: float) -> tuple[Tensor, Tensor]:
+def agreement_sums(m: Tensor, g: Tensor, beta1: float, scratch: Optional[Scratch] = None) -> tuple[Tensor, Tensor]:
     """Eager, one tensor of at most ``2**24`` elements: float32 sums ``(A, Z)``.
 
     ``A`` is :func:`count_agreement`'s ``A``, exactly; ``Z`` is NaN exactly when ``g`` holds
     a NaN or an Inf, else 0. Sums of several such pieces keep both meanings (``A`` summed
     in int64), so a caller can reduce a tensor's chunks with a few ops per tensor.
+    ``scratch``: where the temporaries go (default: fresh tensors).
     """
-    g32 = _f32(g)
-    return _agreement_sums(_interp(_f32(m), g32, beta1), g32, g, None)
+    g32 = _f32(g, scratch, _G)
+    c = _interp(_f32(m, scratch, _M), g32, beta1, _new(g32, scratch, _C))
+    return _agreement_sums(c, g32, None, scratch)
 
 
-def _agreement_sums(c: Tensor, g32: Tensor, g: Tensor, dims: Optional[list[int]]) -> tuple[Tensor, Tensor]:
+def _agreement_sums(
+    c: Tensor, g32: Tensor, dims: Optional[list[int]], scratch: Optional[Scratch]
+) -> tuple[Tensor, Tensor]:
     """``(A, Z)`` of :func:`agreement_sums` from ``c`` (overwritten) over ``dims`` (``None``: all)."""
     # Eager CPU comparisons and isfinite cost several times more than arithmetic; a float32
     # sum of zeros and ones is exact up to 2**24 elements, hence the callers' chunks.
     agree = c.sign_().mul_(g32).sign_().clamp_(min=0.0).sum(dims, dtype=torch.float32)
-    return agree, g.mul(0.0).sum(dims, dtype=torch.float32)
+    zeros = torch.mul(g32, 0.0, out=_new(g32, scratch, _C))  # c is summed: its buffer is free
+    return agree, zeros.sum(dims, dtype=torch.float32)
 
 
 def apply_update(
@@ -128,6 +173,7 @@ def apply_update(
     beta1: float | tuple[Tensor, Tensor],
     beta2: float | tuple[Tensor, Tensor],
     draws: Optional[tuple[Optional[Draw], Optional[Draw]]] = None,
+    scratch: Optional[Scratch] = None,
 ) -> None:
     """One LionSF step of one tensor, in place, computed in float32.
 
@@ -137,13 +183,14 @@ def apply_update(
     1, so ``p`` and ``m`` keep their values even when ``g`` holds NaN or Inf (``sign``
     maps NaN to 0). ``draws`` (for ``p`` and ``m``): turn a float32 result into the
     stochastically rounded float32 value to store, or ``None`` to round to nearest.
+    ``scratch``: where the temporaries go (default: fresh tensors).
     """
-    g32 = _f32(g)
-    m32 = _f32(m)
-    u = _interp(m32, g32, beta1).sign_()
+    g32 = _f32(g, scratch, _G)
+    m32 = _f32(m, scratch, _M)
+    u = _interp(m32, g32, beta1, _new(g32, scratch, _C)).sign_()
     # u * step_size is exact (u is -1, 0 or 1), so addcmul rounds once, as p * decay + u * step_size.
-    p32 = _f32(p).mul_(decay).addcmul_(u, step_size)
-    _momentum(m32, g32, keep, beta2)
+    p32 = _f32(p, scratch, _P).mul_(decay).addcmul_(u, step_size)
+    _momentum(m32, g32, keep, beta2, scratch)
     draw_p, draw_m = draws if draws is not None else (None, None)
     _store(p, p32, draw_p)
     _store(m, m32, draw_m)
@@ -156,15 +203,15 @@ def _store(dst: Tensor, value: Tensor, draw: Optional[Draw]) -> None:
     dst.copy_(draw(value) if draw is not None and dst.dtype == torch.bfloat16 else value)
 
 
-def _zeroed_unless(keep: Tensor, g: Tensor) -> Tensor:
-    """``g`` where ``keep`` else zeros, NaN and Inf included.
+def _zeroed_unless(keep: Tensor, g: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``g`` where ``keep`` else zeros, NaN and Inf included (in ``out`` if given).
 
-    Compiled, a select is a free blend; eager, a multiply and ``nan_to_num`` cost a third
+    Compiled, a select is a free blend; eager, a multiply and ``nan_to_num`` cost half
     of ``torch.where`` with a 0-d condition on CPU.
     """
     if torch.compiler.is_compiling():
         return torch.where(keep, g, 0.0)
-    return g.mul(keep).nan_to_num_(0.0, 0.0, 0.0)
+    return torch.mul(g, keep, out=out).nan_to_num_(0.0, 0.0, 0.0)
 
 
 def scales_from_counts(
