@@ -65,7 +65,7 @@ class Scratch:
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._buffers: dict[tuple[int, torch.device], Tensor] = {}
+        self._by_role: dict[tuple[int, torch.device], Tensor] = {}
 
     def take(self, role: int, like: Tensor) -> Tensor:
         """An uninitialised float32 tensor of ``like``'s shape and device, owned by ``role`` until its next take."""
@@ -73,9 +73,9 @@ class Scratch:
         if n > self._limit:
             return torch.empty(like.shape, dtype=F32, device=like.device)
         key = (role, like.device)
-        buffer = self._buffers.get(key)
+        buffer = self._by_role.get(key)
         if buffer is None:
-            buffer = self._buffers[key] = torch.empty(self._limit, dtype=F32, device=like.device)
+            buffer = self._by_role[key] = torch.empty(self._limit, dtype=F32, device=like.device)
         return buffer[:n].view(like.shape)
 
 
