@@ -142,12 +142,13 @@ def test_lerp_rounding_is_caught(monkeypatch):
     """docs/CONTRACT.md section 2 pins ``m.mul_(b2).add_(g, alpha=1 - b2)``; a lerp momentum update
     must fail the bitwise check."""
 
-    def apply_lerp(p, m, g, step_size, decay, keep, beta1, beta2, draws=None, scratch=None):
-        u = m.mul(beta1).add_(g, alpha=1.0 - beta1).sign_()
-        p.mul_(decay).addcmul_(u, step_size)
-        m.lerp_(g, 1.0 - beta2)
+    def apply_lerp(pieces, step_size, decay, keep, beta1, beta2, draws=None, scratch=None):
+        for p, m, g in pieces:
+            u = m.mul(beta1).add_(g, alpha=1.0 - beta1).sign_()
+            p.mul_(decay).addcmul_(u, step_size)
+            m.lerp_(g, 1.0 - beta2)
 
-    monkeypatch.setattr(kernel.update, "apply_update", apply_lerp)
+    monkeypatch.setattr(kernel.update, "apply_pieces", apply_lerp)
     opt, lib, ref, order = make_pair("tensor", 1.0, False)
     run_both(opt, lib, ref, order, steps=3)
     with pytest.raises(AssertionError, match="exp_avg"):

@@ -56,12 +56,13 @@ def test_float32_maths_rounded_once(dtype, foreach):
 def test_bf16_arithmetic_is_caught(monkeypatch):
     """The update computed in bfloat16 (each op rounded) instead of float32 must fail the bitwise check."""
 
-    def apply_bf16(p, m, g, step_size, decay, keep, beta1, beta2, draws=None, scratch=None):
-        u = m.mul(beta1).add_(g, alpha=1.0 - beta1).sign_()
-        p.mul_(decay).addcmul_(u, step_size)
-        m.mul_(torch.where(keep, beta2, 1.0)).add_(g.mul(keep).nan_to_num_(0.0, 0.0, 0.0), alpha=1.0 - beta2)
+    def apply_bf16(pieces, step_size, decay, keep, beta1, beta2, draws=None, scratch=None):
+        for p, m, g in pieces:
+            u = m.mul(beta1).add_(g, alpha=1.0 - beta1).sign_()
+            p.mul_(decay).addcmul_(u, step_size)
+            m.mul_(torch.where(keep, beta2, 1.0)).add_(g.mul(keep).nan_to_num_(0.0, 0.0, 0.0), alpha=1.0 - beta2)
 
-    monkeypatch.setattr(kernel.update, "apply_update", apply_bf16)
+    monkeypatch.setattr(kernel.update, "apply_pieces", apply_bf16)
     opt, lib, ref = _run(torch.bfloat16, foreach=False)
     with pytest.raises(AssertionError, match="differs"):
         _assert_bitwise(opt, lib, ref)

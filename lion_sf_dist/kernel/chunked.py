@@ -90,6 +90,8 @@ def apply(
     a_all, d_all, k_all = values.step_size.unbind(), values.decay.unbind(), values.keep.unbind()
     rounding = values.rounding
     for i in range(len(ps)) if only is None else only:
-        for start, (pc, mc, gc) in _flat_chunks(CHUNK, ps[i], ms[i], gs[i]):
-            args = (pc, mc, gc, a_all[i], d_all[i], k_all[i], values.beta1s[i], values.beta2s[i])
-            update.apply_update(*args, draws=_draws(rounding, i, start, pc.shape), scratch=scratch)
+        chunks = _flat_chunks(CHUNK, ps[i], ms[i], gs[i])
+        draws = None if rounding is None else [_draws(rounding, i, start, pc.shape) for start, (pc, _, _) in chunks]
+        pieces = [(pc, mc, gc) for _, (pc, mc, gc) in chunks]
+        beta1, beta2 = values.beta1s[i], values.beta2s[i]
+        update.apply_pieces(pieces, a_all[i], d_all[i], k_all[i], beta1, beta2, draws, scratch)

@@ -76,6 +76,8 @@ class Scratch:
         buffer = self._by_role.get(key)
         if buffer is None:
             buffer = self._by_role[key] = torch.empty(self._limit, dtype=F32, device=like.device)
+        if like.shape == buffer.shape:  # a whole chunk: the buffer as it is, no view to make
+            return buffer
         return buffer[:n].view(like.shape)
 
 
@@ -109,14 +111,28 @@ def _interp(m32: Tensor, g32: Tensor, beta: float | tuple[Tensor, Tensor], out: 
 
 
 def _momentum(
-    m32: Tensor, g32: Tensor, keep: Tensor, beta: float | tuple[Tensor, Tensor], scratch: Optional[Scratch]
+    m32: Tensor,
+    g32: Tensor,
+    keep: Tensor,
+    beta: float | tuple[Tensor, Tensor],
+    factor: Optional[Tensor],
+    scratch: Optional[Scratch],
 ) -> Tensor:
-    """``m * b + g * (1 - b)`` in place on float32 ``m32`` where ``keep``; ``m32`` unchanged otherwise."""
+    """``m * b + g * (1 - b)`` in place on float32 ``m32`` where ``keep``; ``m32`` unchanged otherwise.
+
+    ``factor``: eager, ``b`` where ``keep`` else 1 (:func:`_momentum_factor`, once per tensor).
+    """
     if isinstance(beta, tuple):
         b, one_minus_b = beta
         return m32.mul_(torch.where(keep, b, 1.0)).add_(torch.where(keep, g32, 0.0) * one_minus_b)
+    assert factor is not None, "the eager momentum factor is computed once per tensor"
     masked = _zeroed_unless(keep, g32, _new(g32, scratch, _MASK))
-    return m32.mul_(torch.where(keep, beta, 1.0)).add_(masked, alpha=1.0 - beta)
+    return m32.mul_(factor).add_(masked, alpha=1.0 - beta)
+
+
+def _momentum_factor(keep: Tensor, beta: float | tuple[Tensor, Tensor]) -> Optional[Tensor]:
+    """Eager: the 0-d factor ``m`` is multiplied by, ``beta`` where ``keep`` else 1 (compiled: ``None``)."""
+    return None if isinstance(beta, tuple) else torch.where(keep, beta, 1.0)
 
 
 def count_agreement(m: Tensor, g: Tensor, beta1: float | tuple[Tensor, Tensor], rows: bool = False) -> Tensor:
@@ -175,7 +191,7 @@ def apply_update(
     draws: Optional[tuple[Optional[Draw], Optional[Draw]]] = None,
     scratch: Optional[Scratch] = None,
 ) -> None:
-    """One LionSF step of one tensor, in place, computed in float32.
+    """One LionSF step of one tensor, in place, computed in float32 (:func:`apply_pieces` of one piece).
 
     ``step_size = -lr * s_U`` and ``decay = 1 - lr * wd_eff`` are 0-d float32 tensors and
     ``keep`` a 0-d bool. A skipped unit (``keep`` false) gets ``step_size = 0`` and
@@ -185,15 +201,37 @@ def apply_update(
     stochastically rounded float32 value to store, or ``None`` to round to nearest.
     ``scratch``: where the temporaries go (default: fresh tensors).
     """
-    g32 = _f32(g, scratch, _G)
-    m32 = _f32(m, scratch, _M)
-    u = _interp(m32, g32, beta1, _new(g32, scratch, _C)).sign_()
-    # u * step_size is exact (u is -1, 0 or 1), so addcmul rounds once, as p * decay + u * step_size.
-    p32 = _f32(p, scratch, _P).mul_(decay).addcmul_(u, step_size)
-    _momentum(m32, g32, keep, beta2, scratch)
-    draw_p, draw_m = draws if draws is not None else (None, None)
-    _store(p, p32, draw_p)
-    _store(m, m32, draw_m)
+    apply_pieces([(p, m, g)], step_size, decay, keep, beta1, beta2, None if draws is None else [draws], scratch)
+
+
+def apply_pieces(
+    pieces: Sequence[tuple[Tensor, Tensor, Tensor]],
+    step_size: Tensor,
+    decay: Tensor,
+    keep: Tensor,
+    beta1: float | tuple[Tensor, Tensor],
+    beta2: float | tuple[Tensor, Tensor],
+    draws: Optional[Sequence[Optional[tuple[Optional[Draw], Optional[Draw]]]]] = None,
+    scratch: Optional[Scratch] = None,
+) -> None:
+    """:func:`apply_update` of one tensor given as matching pieces ``(p, m, g)`` (flat chunks of it, or
+    the whole tensors), stepped one after the other, with ``draws[i]`` for piece ``i``.
+
+    The eager chunked path steps a tensor chunk by chunk: what does not depend on the piece
+    is done once here, and the loop body is the update itself.
+    """
+    factor = _momentum_factor(keep, beta2)
+    for i, (p, m, g) in enumerate(pieces):
+        g32 = _f32(g, scratch, _G)
+        m32 = _f32(m, scratch, _M)
+        u = _interp(m32, g32, beta1, _new(g32, scratch, _C)).sign_()
+        # u * step_size is exact (u is -1, 0 or 1), so addcmul rounds once, as p * decay + u * step_size.
+        p32 = _f32(p, scratch, _P).mul_(decay).addcmul_(u, step_size)
+        _momentum(m32, g32, keep, beta2, factor, scratch)
+        piece_draws = draws[i] if draws is not None else None
+        draw_p, draw_m = piece_draws if piece_draws is not None else (None, None)
+        _store(p, p32, draw_p)
+        _store(m, m32, draw_m)
 
 
 def _store(dst: Tensor, value: Tensor, draw: Optional[Draw]) -> None:
