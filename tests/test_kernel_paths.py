@@ -227,3 +227,19 @@ def test_chunked_temporaries_reuse_scratch(dtype, monkeypatch):
     with _FreshTensors(min_numel=32) as seen:
         one_step()
     assert any("mul" in name for name in seen.fresh), seen.fresh
+
+
+def test_scratch_hands_out_one_buffer_per_role():
+    """Whole-size requests get the role's buffer itself, smaller ones a view of it, larger ones a fresh
+    tensor each time; roles never share memory (the eager stages hold several at once)."""
+    scratch = kernel.update.Scratch(8)
+    whole = torch.empty(8)
+    a, b = scratch.take(0, whole), scratch.take(0, whole)
+    assert a is b and a.dtype == torch.float32
+    assert scratch.take(0, torch.empty(2, 3)).data_ptr() == a.data_ptr()
+    assert scratch.take(0, torch.empty(2, 3)).shape == (2, 3)
+    assert scratch.take(1, whole).data_ptr() != a.data_ptr()
+    big = torch.empty(9, dtype=torch.bfloat16)
+    first, second = scratch.take(0, big), scratch.take(0, big)
+    assert first.dtype == torch.float32 and first.data_ptr() != second.data_ptr() != a.data_ptr()
+    assert scratch.take(0, torch.empty(8, device="meta")).device.type == "meta"
