@@ -267,7 +267,7 @@ class CompiledKernel:
         coefs = self._coef_tensor(beta1s, beta1s, device, padded=True)
         flat_ms, flat_gs = self._views.persistent(ms), detached_flat(gs)
         calls = [(*plan.lists(b, flat_ms, flat_gs), coefs, take) for b, take in enumerate(plan.take)]
-        graphs = self._graphs("count", _compiled_count, plan, False, device, calls)
+        graphs = self._compiled_graphs("count", _compiled_count, plan, False, device, calls)
         if graphs is None:
             return None
         parts = [graph(*args) for graph, args in zip(graphs, calls)]
@@ -297,7 +297,7 @@ class CompiledKernel:
         lists = (*self._views.refresh(ps, ms), detached_flat(gs))
         tables = (step_size, decay, keep, coefs, keys, where)
         calls = [(*plan.lists(b, *lists), *tables, take) for b, take in enumerate(plan.take)]
-        graphs = self._graphs("apply", _compiled_apply, plan, rounding is not None, device, calls)
+        graphs = self._compiled_graphs("apply", _compiled_apply, plan, rounding is not None, device, calls)
         if graphs is None:
             return False
         for graph, args in zip(graphs, calls):
@@ -321,7 +321,7 @@ class CompiledKernel:
             self._batches[key] = _Batches(signatures, len(lists), device, stacking, counting)
         return self._batches[key]
 
-    def _graphs(
+    def _compiled_graphs(
         self, name: str, fn: Callable, plan: _Batches, rounding: bool, device: torch.device, calls: list[tuple]
     ) -> Optional[list[Callable]]:
         """The compiled graph of each batch of ``plan`` (``calls``: its arguments), compiling new kinds now

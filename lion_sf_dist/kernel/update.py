@@ -115,24 +115,22 @@ def _momentum(
     g32: Tensor,
     keep: Tensor,
     beta: float | tuple[Tensor, Tensor],
-    factor: Optional[Tensor],
+    factor: Tensor,
     scratch: Optional[Scratch],
 ) -> Tensor:
     """``m * b + g * (1 - b)`` in place on float32 ``m32`` where ``keep``; ``m32`` unchanged otherwise.
 
-    ``factor``: eager, ``b`` where ``keep`` else 1 (:func:`_momentum_factor`, once per tensor).
+    ``factor``: ``b`` where ``keep`` else 1 (:func:`_momentum_factor`, once per tensor).
     """
     if isinstance(beta, tuple):
-        b, one_minus_b = beta
-        return m32.mul_(torch.where(keep, b, 1.0)).add_(torch.where(keep, g32, 0.0) * one_minus_b)
-    assert factor is not None, "the eager momentum factor is computed once per tensor"
+        return m32.mul_(factor).add_(torch.where(keep, g32, 0.0) * beta[1])
     masked = _zeroed_unless(keep, g32, _new(g32, scratch, _MASK))
     return m32.mul_(factor).add_(masked, alpha=1.0 - beta)
 
 
-def _momentum_factor(keep: Tensor, beta: float | tuple[Tensor, Tensor]) -> Optional[Tensor]:
-    """Eager: the 0-d factor ``m`` is multiplied by, ``beta`` where ``keep`` else 1 (compiled: ``None``)."""
-    return None if isinstance(beta, tuple) else torch.where(keep, beta, 1.0)
+def _momentum_factor(keep: Tensor, beta: float | tuple[Tensor, Tensor]) -> Tensor:
+    """What ``m`` is multiplied by: ``b`` where ``keep``, else 1."""
+    return torch.where(keep, beta[0] if isinstance(beta, tuple) else beta, 1.0)
 
 
 def count_agreement(m: Tensor, g: Tensor, beta1: float | tuple[Tensor, Tensor], rows: bool = False) -> Tensor:
