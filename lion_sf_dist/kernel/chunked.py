@@ -19,7 +19,13 @@ CHUNK = 1 << 18
 
 
 def _flat_chunks(size: int, *tensors: Tensor) -> list[tuple[int, tuple[Tensor, ...]]]:
-    """``(offset, pieces)``: matching flat pieces of at most ``size`` elements (whole tensors if not contiguous)."""
+    """``(offset, pieces)``: matching flat pieces of at most ``size`` elements.
+
+    Tensors of at most ``size`` elements, and non-contiguous ones, are one piece as they are
+    (the stages are elementwise).
+    """
+    if tensors[0].numel() <= size:
+        return [(0, tensors)]
     if not all(t.is_contiguous() for t in tensors):
         if tensors[0].numel() > update.EXACT_FLOAT_COUNT:
             raise ValueError(
@@ -28,8 +34,8 @@ def _flat_chunks(size: int, *tensors: Tensor) -> list[tuple[int, tuple[Tensor, .
                 "use use_triton=True or a contiguous layout"
             )
         return [(0, tensors)]
-    flats = [t.view(-1) for t in tensors]
-    return [(i, tuple(f[i : i + size] for f in flats)) for i in range(0, flats[0].numel(), size)]
+    splits = [t.view(-1).split(size) for t in tensors]
+    return [(i * size, pieces) for i, pieces in enumerate(zip(*splits))]
 
 
 def _draws(
@@ -51,28 +57,27 @@ def _draw_fn(rounding: Rounding, seg: int, stream: int, start: int, shape: torch
 def count(
     ms: Sequence[Tensor], gs: Sequence[Tensor], beta1s: Sequence[float], scratch: Optional[update.Scratch] = None
 ) -> Tensor:
-    """``[S, 2]``: :func:`~lion_sf_dist.kernel.update.count_agreement` of each ``(m, g)``, summed over its chunks.
+    """``[S, 2]``: :func:`~lion_sf_dist.kernel.update.count_agreement` of each ``(m, g)``, summed over its chunks
+    (``A`` is 0 where ``P > 0``).
 
-    Each chunk leaves two float32 sums (:func:`~lion_sf_dist.kernel.update.agreement_sums`);
-    they are stacked once per step and reduced per tensor, a few small ops per tensor
-    instead of per chunk. ``scratch``: where the temporaries go (default: fresh tensors).
+    Each chunk leaves one float32 sum (:func:`~lion_sf_dist.kernel.update.agreement_sum`,
+    NaN for a non-finite gradient); they are stacked once per step and reduced per tensor,
+    a few small ops per tensor instead of per chunk. ``scratch``: where the temporaries go
+    (default: fresh tensors).
     """
-    agree: list[Tensor] = []
-    poison: list[Tensor] = []
+    sums: list[Tensor] = []
     pieces: list[int] = []
     for m, g, beta1 in zip(ms, gs, beta1s):
         chunks = _flat_chunks(CHUNK, m, g)
-        for _, (mc, gc) in chunks:
-            a, z = update.agreement_sums(mc, gc, beta1, scratch)
-            agree.append(a)
-            poison.append(z)
+        sums.extend(update.agreement_sum(mc, gc, beta1, scratch) for _, (mc, gc) in chunks)
         pieces.append(len(chunks))
-    a_all = torch.stack(agree).to(torch.int64)
-    z_all = torch.stack(poison)
+    totals = torch.stack(sums)
+    poison = totals.isnan()
+    agree = torch.where(poison, 0.0, totals).to(torch.int64)
     if any(n != 1 for n in pieces):
-        a_all = torch.stack([a.sum() for a in a_all.split(pieces)])
-        z_all = torch.stack([z.sum() for z in z_all.split(pieces)])
-    return torch.stack((a_all, z_all.isnan().to(torch.int64)), dim=1)
+        poison = torch.stack([z.any() for z in poison.split(pieces)])
+        agree = torch.stack([a.sum() for a in agree.split(pieces)]) * ~poison
+    return torch.stack((agree, poison.to(torch.int64)), dim=1)
 
 
 def apply(

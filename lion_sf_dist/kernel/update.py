@@ -66,23 +66,27 @@ class Scratch:
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._by_role: dict[tuple[int, torch.device], Tensor] = {}
+        self._views: dict[tuple[int, torch.Size, torch.device], Tensor] = {}
 
     def take(self, role: int, like: Tensor) -> Tensor:
         """An uninitialised float32 tensor of ``like``'s shape and device, owned by ``role`` until its next take."""
+        key = (role, like.shape, like.device)
+        view = self._views.get(key)
+        if view is not None:
+            return view
         n = like.numel()
         if n > self._limit:
             return torch.empty(like.shape, dtype=F32, device=like.device)
-        key = (role, like.device)
-        buffer = self._by_role.get(key)
+        buffer = self._by_role.get((role, like.device))
         if buffer is None:
-            buffer = self._by_role[key] = torch.empty(self._limit, dtype=F32, device=like.device)
-        if like.shape == buffer.shape:  # a whole chunk: the buffer as it is, no view to make
-            return buffer
-        return buffer[:n].view(like.shape)
+            buffer = self._by_role[role, like.device] = torch.empty(self._limit, dtype=F32, device=like.device)
+        # A view per shape, made once: making one costs as much as a small piece's arithmetic.
+        view = self._views[key] = buffer if like.shape == buffer.shape else buffer[:n].view(like.shape)
+        return view
 
 
 # Roles in a Scratch; the count and apply stages run one after the other and share them.
-_G, _M, _C, _P, _MASK = range(5)
+_G, _M, _C, _P = range(4)
 
 
 def _f32(t: Tensor, scratch: Optional[Scratch] = None, role: int = _G) -> Tensor:
@@ -110,27 +114,22 @@ def _interp(m32: Tensor, g32: Tensor, beta: float | tuple[Tensor, Tensor], out: 
     return torch.mul(m32, beta, out=out).add_(g32, alpha=1.0 - beta)
 
 
-def _momentum(
-    m32: Tensor,
-    g32: Tensor,
-    keep: Tensor,
-    beta: float | tuple[Tensor, Tensor],
-    factor: Tensor,
-    scratch: Optional[Scratch],
-) -> Tensor:
+def _momentum(m32: Tensor, g32: Tensor, factors: tuple[Tensor, Tensor], out: Optional[Tensor]) -> Tensor:
     """``m * b + g * (1 - b)`` in place on float32 ``m32`` where ``keep``; ``m32`` unchanged otherwise.
 
-    ``factor``: ``b`` where ``keep`` else 1 (:func:`_momentum_factor`, once per tensor).
+    ``factors``: :func:`_momentum_factors` (once per tensor). ``g`` with NaN and Inf zeroed
+    (in ``out`` if given) is multiplied by ``1 - b``, or by 0 for a skipped unit, whose ``m``
+    then gets ``m * 1 + 0``. ``addcmul_`` rounds as ``add_(g, alpha=1 - b)`` does: one
+    multiply-add.
     """
-    if isinstance(beta, tuple):
-        return m32.mul_(factor).add_(torch.where(keep, g32, 0.0) * beta[1])
-    masked = _zeroed_unless(keep, g32, _new(g32, scratch, _MASK))
-    return m32.mul_(factor).add_(masked, alpha=1.0 - beta)
+    factor, coef = factors
+    return m32.mul_(factor).addcmul_(torch.nan_to_num(g32, 0.0, 0.0, 0.0, out=out), coef)
 
 
-def _momentum_factor(keep: Tensor, beta: float | tuple[Tensor, Tensor]) -> Tensor:
-    """What ``m`` is multiplied by: ``b`` where ``keep``, else 1."""
-    return torch.where(keep, beta[0] if isinstance(beta, tuple) else beta, 1.0)
+def _momentum_factors(keep: Tensor, beta: float | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """What ``m`` and the cleaned ``g`` are multiplied by: ``(b, 1 - b)`` where ``keep``, else ``(1, 0)``."""
+    b, one_minus_b = beta if isinstance(beta, tuple) else (beta, 1.0 - beta)
+    return torch.where(keep, b, 1.0), torch.where(keep, one_minus_b, 0.0)
 
 
 def count_agreement(m: Tensor, g: Tensor, beta1: float | tuple[Tensor, Tensor], rows: bool = False) -> Tensor:
@@ -138,8 +137,8 @@ def count_agreement(m: Tensor, g: Tensor, beta1: float | tuple[Tensor, Tensor], 
 
     ``A = #(sign(m * b1 + g * (1 - b1)) * g > 0)``, exactly, in float32 whatever the
     dtypes; ``P > 0`` exactly when ``g`` holds a NaN or an Inf (``g * 0`` is 0 for every
-    finite value, NaN otherwise). ``rows``: ``m`` and ``g`` are 2-D, one tensor per row,
-    and the result is ``[R, 2]`` (eager only).
+    finite value, NaN otherwise), and then ``A`` is 0 on the eager path. ``rows``: ``m``
+    and ``g`` are 2-D, one tensor per row, and the result is ``[R, 2]`` (eager only).
     """
     g32 = _f32(g)
     c = _interp(_f32(m), g32, beta1)
@@ -149,32 +148,32 @@ def count_agreement(m: Tensor, g: Tensor, beta1: float | tuple[Tensor, Tensor], 
         # int64 on data in cache, 1.1x on a step's tensors streamed from memory.
         agree = ((c > 0) & (g > 0)) | ((c < 0) & (g < 0))
         return torch.stack((agree.sum(dtype=torch.int32), (g.mul(0.0) != 0).sum(dtype=torch.int32))).to(torch.int64)
-    agree, poison = _agreement_sums(c, g32, [-1] if rows else None, None)
-    return torch.stack((agree.to(torch.int64), poison.isnan().to(torch.int64)), dim=-1)
+    total = _agreement_sum(c, g32, [-1] if rows else None)
+    poison = total.isnan()
+    return torch.stack((torch.where(poison, 0.0, total).to(torch.int64), poison.to(torch.int64)), dim=-1)
 
 
-def agreement_sums(m: Tensor, g: Tensor, beta1: float, scratch: Optional[Scratch] = None) -> tuple[Tensor, Tensor]:
-    """Eager, one tensor of at most ``2**24`` elements: float32 sums ``(A, Z)``.
+def agreement_sum(m: Tensor, g: Tensor, beta1: float, scratch: Optional[Scratch] = None) -> Tensor:
+    """Eager, one tensor of at most ``2**24`` elements: a float32 sum, :func:`count_agreement`'s ``A``
+    exactly, or NaN exactly when ``g`` holds a NaN or an Inf.
 
-    ``A`` is :func:`count_agreement`'s ``A``, exactly; ``Z`` is NaN exactly when ``g`` holds
-    a NaN or an Inf, else 0. Sums of several such pieces keep both meanings (``A`` summed
-    in int64), so a caller can reduce a tensor's chunks with a few ops per tensor.
+    Sums of several such pieces keep that meaning (``A`` summed in int64 once NaN is ruled
+    out), so a caller can reduce a tensor's chunks with a few ops per tensor.
     ``scratch``: where the temporaries go (default: fresh tensors).
     """
     g32 = _f32(g, scratch, _G)
     c = _interp(_f32(m, scratch, _M), g32, beta1, _new(g32, scratch, _C))
-    return _agreement_sums(c, g32, None, scratch)
+    return _agreement_sum(c, g32, None)
 
 
-def _agreement_sums(
-    c: Tensor, g32: Tensor, dims: Optional[list[int]], scratch: Optional[Scratch]
-) -> tuple[Tensor, Tensor]:
-    """``(A, Z)`` of :func:`agreement_sums` from ``c`` (overwritten) over ``dims`` (``None``: all)."""
-    # Eager CPU comparisons and isfinite cost several times more than arithmetic; a float32
-    # sum of zeros and ones is exact up to 2**24 elements, hence the callers' chunks.
-    agree = c.sign_().mul_(g32).sign_().clamp_(min=0.0).sum(dims, dtype=torch.float32)
-    zeros = torch.mul(g32, 0.0, out=_new(g32, scratch, _C))  # c is summed: its buffer is free
-    return agree, zeros.sum(dims, dtype=torch.float32)
+def _agreement_sum(c: Tensor, g32: Tensor, dims: Optional[list[int]]) -> Tensor:
+    """:func:`agreement_sum` from ``c`` (overwritten) over ``dims`` (``None``: all)."""
+    # sign(c) * g is exact, and a comparison written into float32 (not bool, several times
+    # slower on CPU) leaves 0 or 1; a float32 sum of those is exact up to 2**24 elements, hence
+    # the callers' chunks. Adding g * 0 (alpha=0) keeps each 0 or 1 and makes it NaN where g
+    # is NaN or Inf.
+    agree = torch.gt(c.sign_().mul_(g32), 0.0, out=c)
+    return agree.add_(g32, alpha=0.0).sum(dims, dtype=torch.float32)
 
 
 def apply_update(
@@ -218,14 +217,14 @@ def apply_pieces(
     The eager chunked path steps a tensor chunk by chunk: what does not depend on the piece
     is done once here, and the loop body is the update itself.
     """
-    factor = _momentum_factor(keep, beta2)
+    factors = _momentum_factors(keep, beta2)
     for i, (p, m, g) in enumerate(pieces):
         g32 = _f32(g, scratch, _G)
         m32 = _f32(m, scratch, _M)
         u = _interp(m32, g32, beta1, _new(g32, scratch, _C)).sign_()
         # u * step_size is exact (u is -1, 0 or 1), so addcmul rounds once, as p * decay + u * step_size.
         p32 = _f32(p, scratch, _P).mul_(decay).addcmul_(u, step_size)
-        _momentum(m32, g32, keep, beta2, factor, scratch)
+        _momentum(m32, g32, factors, _new(g32, scratch, _C))  # u is spent: its buffer is free
         piece_draws = draws[i] if draws is not None else None
         draw_p, draw_m = piece_draws if piece_draws is not None else (None, None)
         _store(p, p32, draw_p)
@@ -237,17 +236,6 @@ def _store(dst: Tensor, value: Tensor, draw: Optional[Draw]) -> None:
     if value is dst:
         return
     dst.copy_(draw(value) if draw is not None and dst.dtype == torch.bfloat16 else value)
-
-
-def _zeroed_unless(keep: Tensor, g: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """``g`` where ``keep`` else zeros, NaN and Inf included (in ``out`` if given).
-
-    Compiled, a select is a free blend; eager, a multiply and ``nan_to_num`` cost half
-    of ``torch.where`` with a 0-d condition on CPU.
-    """
-    if torch.compiler.is_compiling():
-        return torch.where(keep, g, 0.0)
-    return torch.mul(g, keep, out=out).nan_to_num_(0.0, 0.0, 0.0)
 
 
 def scales_from_counts(
