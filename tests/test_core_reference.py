@@ -85,6 +85,20 @@ def test_matches_reference(agreement, pow, decoupled):
     assert_matches(opt, lib, ref, pow, steps=4)
 
 
+def test_stacked_route_matches_reference(monkeypatch):
+    """The chunked path's stacks (small tensors stepped as rows) checked alone: with stacks of one
+    allowed, every tensor here is small and takes that route."""
+    monkeypatch.setattr(kernel.chunked, "STACK_MIN", 1)
+    stacked: list[int] = []
+    real = kernel.chunked._stacks
+    monkeypatch.setattr(kernel.chunked, "_stacks", lambda *a: [stacked.append(len(i)) or i for i in real(*a)])
+    opt, lib, ref, order = make_pair("module", 1.0, True)
+    run_both(opt, lib, ref, order, steps=4)
+    non_empty = sum(1 for shape in SHAPES.values() if 0 not in shape)  # an empty tensor has nothing to step
+    assert sum(stacked) == 2 * non_empty * 4  # count and apply, every tensor, every step
+    assert_matches(opt, lib, ref, 1.0, steps=4)
+
+
 @pytest.mark.parametrize("negative,ema", [("clamp", False), ("abs", True), ("clamp", True)])
 def test_variants_match_reference(negative, ema):
     opt, lib, ref, order = make_pair("group", 1.0, False, negative=negative, ema=ema)

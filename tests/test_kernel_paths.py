@@ -104,6 +104,57 @@ def test_without_nan_cleaning_is_caught(monkeypatch, foreach):
     assert not torch.equal(ms_f[3], ms[3])
 
 
+STACK_SHAPES = [(8,)] * 6 + [(2, 3)] * 4 + [(4,)] * 3 + [(40, 30)]
+STACK_BETAS = [(0.9, 0.99)] * 4 + [(0.5, 0.95)] * 2 + [(0.9, 0.99)] * 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_chunked_stacks_match_tensor_by_tensor(dtype, monkeypatch):
+    """Small tensors of one shape, dtypes and betas are stepped stacked as rows: counts, parameters and
+    ``exp_avg`` equal those of the same tensors stepped one by one, bitwise, with a different step,
+    decay and keep per row (two rows skipped for NaN and Inf). Giving every row the first row's
+    ``keep`` is seen, so the comparison can fail."""
+    gen = torch.Generator().manual_seed(5)
+    ps = [torch.randn(s, generator=gen).to(dtype) for s in STACK_SHAPES]
+    ms = [(torch.randn(s, generator=gen) * 0.1).to(dtype) for s in STACK_SHAPES]
+    gs = [torch.randn(s, generator=gen).to(dtype) for s in STACK_SHAPES]
+    gs[1][3] = float("nan")
+    gs[7][1, 2] = float("inf")
+    n = len(STACK_SHAPES)
+    keep = torch.tensor([i not in (1, 7) for i in range(n)])
+    step = torch.where(keep, -torch.linspace(1e-3, 2e-2, n), 0.0)
+    decay = torch.where(keep, 1.0 - torch.linspace(1e-3, 1e-1, n), 1.0)
+    beta1s, beta2s = [b for b, _ in STACK_BETAS], [b for _, b in STACK_BETAS]
+    shapes: list[tuple] = []
+    real_apply = kernel.update.apply_pieces
+
+    def spy(pieces, *args):
+        shapes.append(tuple(pieces[0][0].shape))
+        return real_apply(pieces, *args)
+
+    monkeypatch.setattr(kernel.update, "apply_pieces", spy)
+
+    def run(stack_min: int, keep: torch.Tensor):
+        monkeypatch.setattr(kernel.chunked, "STACK_MIN", stack_min)
+        p2, m2 = [p.clone() for p in ps], [m.clone() for m in ms]
+        kern = Kernel(False)
+        rows = kern.count(m2, gs, beta1s)
+        kern.apply(p2, m2, gs, step, decay, keep, beta1s, beta2s)
+        return rows, p2, m2
+
+    rows_s, ps_s, ms_s = run(4, keep)
+    assert sorted(shapes[:2]) == [(4, 2, 3), (4, 8)] and len(shapes) == 2 + 2 + 3 + 1  # two stacks, 6 alone
+    shapes.clear()
+    rows_t, ps_t, ms_t = run(10**9, keep)
+    assert len(shapes) == n
+    assert torch.equal(rows_s, rows_t) and rows_s[:, 1].tolist() == [int(i in (1, 7)) for i in range(n)]
+    for i in range(n):
+        assert torch.equal(ps_s[i], ps_t[i]) and torch.equal(ms_s[i], ms_t[i]), f"tensor {i} differs"
+    assert torch.equal(ps_s[7], ps[7]) and torch.equal(ms_s[7], ms[7])  # a skipped row keeps its values
+    _, ps_w, ms_w = run(4, keep[:1].expand(n))
+    assert not all(torch.equal(a, b) and torch.equal(c, d) for a, b, c, d in zip(ps_w, ps_s, ms_w, ms_s))
+
+
 def _meta_case(shapes, dtype=torch.float32):
     meta = torch.device("meta")
     ps = [torch.empty(s, device=meta, dtype=dtype) for s in shapes]

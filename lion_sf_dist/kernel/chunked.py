@@ -2,6 +2,9 @@
 
 Temporaries are a few chunks, so they stay in a core's cache, and a float32 count over a
 chunk is exact. Non-contiguous tensors go whole (up to ``EXACT_FLOAT_COUNT`` elements).
+Small tensors of one shape, dtypes and betas (biases, norms) are stacked as rows and
+stepped as one piece (:data:`~lion_sf_dist.kernel.tensors.STACK_NUMEL`), with the same
+arithmetic per element.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import torch
 from torch import Tensor
 
 from lion_sf_dist.kernel import update
+from lion_sf_dist.kernel.tensors import STACK_MIN, STACK_NUMEL, by_key, pick
 from lion_sf_dist.rounding import Rounding, stochastic_bf16
 
 # Eager temporaries are a few chunks of this many elements (1 MiB in fp32): they stay in cache.
@@ -38,6 +42,25 @@ def _flat_chunks(size: int, *tensors: Tensor) -> list[tuple[int, tuple[Tensor, .
     return [(i * size, pieces) for i, pieces in enumerate(zip(*splits))]
 
 
+def _stacks(
+    lists: Sequence[Sequence[Tensor]], betas: Sequence[tuple[float, ...]], among: Sequence[int]
+) -> list[list[int]]:
+    """Groups of positions ``among`` whose tensors are stepped stacked as rows: at most :data:`STACK_NUMEL`
+    elements each, :data:`STACK_MIN` or more of one shape, device, dtypes and betas, and at most
+    :data:`CHUNK` elements a stack (its temporaries are scratch buffers)."""
+    kinds: list[Optional[tuple]] = []
+    for i in among:
+        ts = [tensors[i] for tensors in lists]
+        small = ts[0].numel() <= STACK_NUMEL
+        kinds.append((ts[0].shape, ts[0].device, betas[i], *(t.dtype for t in ts)) if small else None)
+    out: list[list[int]] = []
+    for kind, idx in by_key(kinds).items():
+        if kind is not None and len(idx) >= STACK_MIN:
+            rows = max(CHUNK // max(kind[0].numel(), 1), 1)
+            out.extend(pick(among, idx[start : start + rows]) for start in range(0, len(idx), rows))
+    return [idx for idx in out if len(idx) >= STACK_MIN]
+
+
 def _draws(
     rounding: Optional[Rounding], seg: int, start: int, shape: torch.Size
 ) -> Optional[tuple[Optional[update.Draw], Optional[update.Draw]]]:
@@ -60,14 +83,22 @@ def count(
     """``[S, 2]``: :func:`~lion_sf_dist.kernel.update.count_agreement` of each ``(m, g)``, summed over its chunks
     (``A`` is 0 where ``P > 0``).
 
-    Each chunk leaves one float32 sum (:func:`~lion_sf_dist.kernel.update.agreement_sum`,
-    NaN for a non-finite gradient); they are stacked once per step and reduced per tensor,
-    a few small ops per tensor instead of per chunk. ``scratch``: where the temporaries go
-    (default: fresh tensors).
+    Each chunk (or stacked row) leaves one float32 sum
+    (:func:`~lion_sf_dist.kernel.update.agreement_sum`, NaN for a non-finite gradient); they
+    are stacked once per step and reduced per tensor, a few small ops per tensor instead of
+    per chunk. ``scratch``: where the temporaries go (default: fresh tensors).
     """
+    stacked: dict[int, Tensor] = {}
+    for idx in _stacks((ms, gs), [(b,) for b in beta1s], range(len(ms))):
+        m, g = torch.stack(pick(ms, idx)), torch.stack(pick(gs, idx))
+        stacked.update(zip(idx, update.agreement_sum(m, g, beta1s[idx[0]], scratch, rows=True).unbind()))
     sums: list[Tensor] = []
     pieces: list[int] = []
-    for m, g, beta1 in zip(ms, gs, beta1s):
+    for i, (m, g, beta1) in enumerate(zip(ms, gs, beta1s)):
+        if i in stacked:
+            sums.append(stacked[i])
+            pieces.append(1)
+            continue
         chunks = _flat_chunks(CHUNK, m, g)
         sums.extend(update.agreement_sum(mc, gc, beta1, scratch) for _, (mc, gc) in chunks)
         pieces.append(len(chunks))
@@ -88,13 +119,27 @@ def apply(
     only: Optional[Sequence[int]] = None,
     scratch: Optional[update.Scratch] = None,
 ) -> None:
-    """:func:`~lion_sf_dist.kernel.update.apply_update` chunk by chunk on segments ``only`` (default: all).
+    """:func:`~lion_sf_dist.kernel.update.apply_update` chunk by chunk (or stacked) on segments ``only``
+    (default: all).
 
-    ``scratch``: where the temporaries go (default: fresh tensors).
+    ``scratch``: where the temporaries go (default: fresh tensors). With stochastic rounding
+    nothing is stacked: a piece's random bits follow its elements' positions.
     """
     a_all, d_all, k_all = values.step_size.unbind(), values.decay.unbind(), values.keep.unbind()
     rounding = values.rounding
-    for i in range(len(ps)) if only is None else only:
+    todo = range(len(ps)) if only is None else only
+    stacks = [] if rounding is not None else _stacks((ps, ms, gs), list(zip(values.beta1s, values.beta2s)), todo)
+    for idx in stacks:
+        p, m, g = (torch.stack(pick(ts, idx)) for ts in (ps, ms, gs))
+        row_shape = (len(idx),) + (1,) * (p.dim() - 1)  # one value per row, broadcast over its elements
+        step, decay, keep = (torch.stack(pick(col, idx)).view(row_shape) for col in (a_all, d_all, k_all))
+        update.apply_pieces([(p, m, g)], step, decay, keep, values.beta1s[idx[0]], values.beta2s[idx[0]], None, scratch)
+        torch._foreach_copy_(pick(ps, idx), list(p.unbind()))
+        torch._foreach_copy_(pick(ms, idx), list(m.unbind()))
+    stacked = {i for idx in stacks for i in idx}
+    for i in todo:
+        if i in stacked:
+            continue
         chunks = _flat_chunks(CHUNK, ps[i], ms[i], gs[i])
         draws = None if rounding is None else [_draws(rounding, i, start, pc.shape) for start, (pc, _, _) in chunks]
         pieces = [(pc, mc, gc) for _, (pc, mc, gc) in chunks]

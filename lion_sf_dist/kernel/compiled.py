@@ -5,7 +5,8 @@ One fused loop per tensor (Triton on GPU, C++ on CPU) with no temporaries: the m
 change of betas or of the set of tensors does not recompile; a new kind of batch past
 :data:`MAX_COMPILED_VARIANTS` runs on the eager path instead, with one warning. Small
 tensors of equal size (biases, norms) are stacked and stepped together by the same maths
-run eagerly, a few ops per stack instead of a compiled call each (:data:`STACK_NUMEL`).
+run eagerly, a few ops per stack instead of a compiled call each
+(:data:`~lion_sf_dist.kernel.tensors.STACK_NUMEL`).
 
 Each graph is traced once, for its kind of batch, and called without dynamo's guards: the
 batch plan below keeps what the guards would check (device, dtypes, flat contiguous
@@ -24,7 +25,7 @@ from torch import Tensor
 from lion_sf_dist._torch_private import compile_unguarded
 from lion_sf_dist.devices import to_device
 from lion_sf_dist.kernel import chunked, update
-from lion_sf_dist.kernel.tensors import Views, by_key, detached_flat, pick
+from lion_sf_dist.kernel.tensors import STACK_MIN, STACK_NUMEL, Views, by_key, detached_flat, pick
 from lion_sf_dist.kernel.update import F32, StepValues
 from lion_sf_dist.rounding import IndexMap, Rounding, random16, stochastic_bf16
 
@@ -43,13 +44,6 @@ def compile_batch(device: torch.device) -> int:
     """Tensors per compiled call on ``device``."""
     return COMPILE_BATCH.get(device.type, DEFAULT_COMPILE_BATCH)
 
-
-# Contiguous tensors of at most this many elements, STACK_MIN or more of one size and dtypes, are
-# stacked as rows and stepped by update's functions run eagerly on the stack: a constant number of
-# ops per stack. A compiled call's fixed cost (~50 us of dynamo guards and wrappers on CPU) is many
-# times the work on so few elements; GPT-2 small has 98 such tensors of 148, Llama-7B 65 of 291.
-STACK_NUMEL = 1 << 14
-STACK_MIN = 4
 
 # Distinct compiled graphs per function and process (devices, dtype patterns, size classes,
 # tensors per call, with/without rounding): each costs a cold compile (seconds), so a model whose kinds keep

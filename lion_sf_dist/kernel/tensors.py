@@ -1,10 +1,18 @@
-"""Helpers the multi-tensor and compiled paths share: grouping by key, and flat views that last across steps."""
+"""Helpers the kernel's paths share: grouping by key, stacking small tensors, and flat views that last across steps."""
 
 from __future__ import annotations
 
 from typing import Any, Hashable, Sequence
 
 from torch import Tensor
+
+# Tensors of at most this many elements, STACK_MIN or more of one size and dtypes, are stacked as
+# rows and stepped together by update's functions run eagerly on the stack: a constant number of
+# ops per stack. Per tensor, a compiled call's fixed cost (~50 us of dynamo guards and wrappers on
+# CPU) or the chunked path's 15 eager ops (~40 us) are many times the work on so few elements;
+# GPT-2 small has 98 such tensors of 148, Llama-7B 65 of 291.
+STACK_NUMEL = 1 << 14
+STACK_MIN = 4
 
 
 def flat(t: Tensor) -> Tensor:

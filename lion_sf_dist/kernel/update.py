@@ -153,17 +153,18 @@ def count_agreement(m: Tensor, g: Tensor, beta1: float | tuple[Tensor, Tensor], 
     return torch.stack((torch.where(poison, 0.0, total).to(torch.int64), poison.to(torch.int64)), dim=-1)
 
 
-def agreement_sum(m: Tensor, g: Tensor, beta1: float, scratch: Optional[Scratch] = None) -> Tensor:
+def agreement_sum(m: Tensor, g: Tensor, beta1: float, scratch: Optional[Scratch] = None, rows: bool = False) -> Tensor:
     """Eager, one tensor of at most ``2**24`` elements: a float32 sum, :func:`count_agreement`'s ``A``
     exactly, or NaN exactly when ``g`` holds a NaN or an Inf.
 
     Sums of several such pieces keep that meaning (``A`` summed in int64 once NaN is ruled
     out), so a caller can reduce a tensor's chunks with a few ops per tensor.
-    ``scratch``: where the temporaries go (default: fresh tensors).
+    ``scratch``: where the temporaries go (default: fresh tensors). ``rows``: ``m`` and
+    ``g`` are stacks of tensors, and the result has one sum per row.
     """
     g32 = _f32(g, scratch, _G)
     c = _interp(_f32(m, scratch, _M), g32, beta1, _new(g32, scratch, _C))
-    return _agreement_sum(c, g32, None)
+    return _agreement_sum(c, g32, list(range(1, c.dim())) if rows else None)
 
 
 def _agreement_sum(c: Tensor, g32: Tensor, dims: Optional[list[int]]) -> Tensor:
