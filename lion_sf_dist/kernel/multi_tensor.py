@@ -25,13 +25,16 @@ class MultiTensorKernel:
     not per tensor or element; on CUDA the calls whose second list holds per-tensor
     ``(1,)`` scalars take ATen's per-tensor route, the others its fused multi-tensor one.
 
-    Counts: ``sign(u * g)`` clamped at 0 is 0 or 1, plus ``g * 0`` (NaN where ``g`` is not
-    finite); a float64 L1 norm of each tensor is then the exact count, or NaN.
+    Counts: ``sign(u * g)`` clamped at 0 is 0 or 1, plus ``g * 0`` (an ``add`` with
+    ``alpha=0``: NaN where ``g`` is not finite); a float64 L1 norm of each tensor is then
+    the exact count, or NaN.
 
     The momentum update needs the gradient with NaN/Inf replaced by 0 in skipped units,
     a select no ``_foreach`` op offers: all gradients are gathered into one float32 buffer
-    (one ``_chunk_cat``), where one ``nan_to_num_`` cleans them, and ``p``/``exp_avg`` are
-    seen through flat views kept from step to step (they are the same tensors every step).
+    (one ``_chunk_cat``), where one ``nan_to_num_`` cleans them, and ``m`` gets
+    ``m * b2 + g * (1 - b2)`` as an ``addcmul`` with a per-tensor ``1 - b2`` (0 in skipped
+    units), which rounds as ``add`` with ``alpha`` does. ``p``/``exp_avg`` are seen through
+    flat views kept from step to step (they are the same tensors every step).
     Non-contiguous tensors go through the chunked path. Peak extra memory: about 8 bytes
     per element (the gathered gradients and the update direction), like AdamW's foreach.
     """
@@ -41,11 +44,13 @@ class MultiTensorKernel:
         self._consts: Optional[tuple[tuple, Tensor]] = None
         self._inverse: Optional[tuple[tuple, Tensor]] = None
 
-    def beta2_vector(self, beta2s: Sequence[float], device: torch.device) -> Tensor:
-        """``beta2`` per segment on ``device``, rebuilt only when the betas change."""
+    def beta2_table(self, beta2s: Sequence[float], device: torch.device) -> Tensor:
+        """``[2, S]`` float32 on ``device``: ``beta2`` and ``1 - beta2`` per segment (the latter rounded from
+        float64, as ``alpha`` is), rebuilt only when the betas change."""
         key = (tuple(beta2s), device)
         if self._consts is None or self._consts[0] != key:
-            self._consts = (key, to_device(torch.tensor(beta2s, dtype=F32), device))
+            host = torch.tensor([list(beta2s), [1.0 - b for b in beta2s]], dtype=torch.float64).to(F32)
+            self._consts = (key, to_device(host, device))
         return self._consts[1]
 
     def inverse(self, order: Sequence[int], device: torch.device) -> Tensor:
@@ -75,7 +80,7 @@ class MultiTensorKernel:
             torch._foreach_mul_(c, g32)
             torch._foreach_sign_(c)
             torch._foreach_clamp_min_(c, 0.0)
-            torch._foreach_add_(c, torch._foreach_mul(g_, 0.0))
+            torch._foreach_add_(c, g_, alpha=0.0)  # + g * 0: NaN where g is NaN or Inf
             parts.append(torch.stack(torch._foreach_norm(c, 1, dtype=torch.float64)))
             order.extend(idx)
         counts = parts[0] if len(parts) == 1 else torch.cat(parts)[self.inverse(order, parts[0].device)]
@@ -102,8 +107,10 @@ class MultiTensorKernel:
         gathered, gf = _gather_f32([gs[i] for i in dense], device)
         steps = step_size.view(-1, 1).unbind(0)
         decays = decay.view(-1, 1).unbind(0)
-        keeps = keep.to(F32).view(-1, 1).unbind(0)
-        b2k = torch.where(keep, self.beta2_vector(beta2s, device), 1.0).view(-1, 1).unbind(0)
+        # m's factor and the clean gradient's: (b2, 1 - b2) where the unit steps, else (1, 0)
+        beta2, one_minus_beta2 = self.beta2_table(beta2s, device).unbind(0)
+        b2k = torch.where(keep, beta2, 1.0).view(-1, 1).unbind(0)
+        coefs = torch.where(keep, one_minus_beta2, 0.0).view(-1, 1).unbind(0)
         groups = by_key([(beta1s[i], beta2s[i], ps[i].dtype, ms[i].dtype) for i in dense])
         # p first, from the old m; then clean the gradients of skipped units; then m
         for (b1, _, p_dtype, m_dtype), idx in groups.items():
@@ -125,16 +132,15 @@ class MultiTensorKernel:
             del u
             if p_low:
                 self._store(p_, p32, rounding, at, 0)
-        torch._foreach_mul_(list(gf), pick(keeps, dense))
         gathered.nan_to_num_(0.0, 0.0, 0.0)
-        for (_, b2, _, m_dtype), idx in groups.items():
+        for (_, _, _, m_dtype), idx in groups.items():
             m_low = m_dtype != F32
             at = [dense[j] for j in idx]
             m_ = pick(mf, idx)
             m32 = torch._foreach_mul(m_, pick(b2k, at)) if m_low else m_
             if not m_low:
                 torch._foreach_mul_(m_, pick(b2k, at))
-            torch._foreach_add_(m32, pick(gf, idx), alpha=1.0 - b2)
+            torch._foreach_addcmul_(m32, pick(gf, idx), pick(coefs, at))
             if m_low:
                 self._store(m_, m32, rounding, at, 1)
 
