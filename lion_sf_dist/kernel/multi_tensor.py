@@ -123,12 +123,11 @@ class MultiTensorKernel:
                 u = torch._foreach_mul(m_, b1)
             torch._foreach_add_(u, pick(gf, idx), alpha=1.0 - b1)
             torch._foreach_sign_(u)
-            torch._foreach_mul_(u, pick(steps, at))
             p_ = pick(pf, idx)
             p32 = torch._foreach_mul(p_, pick(decays, at)) if p_low else p_
             if not p_low:
                 torch._foreach_mul_(p_, pick(decays, at))
-            torch._foreach_add_(p32, u)
+            torch._foreach_addcmul_(p32, u, pick(steps, at))  # u * step is exact: one rounding, as p + u * step
             del u
             if p_low:
                 self._store(p_, p32, rounding, at, 0)
