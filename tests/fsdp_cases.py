@@ -14,6 +14,7 @@ from unittest import mock
 import torch
 from torch import Tensor, nn
 
+import lion_sf_dist.kernel.chunked as chunked
 import lion_sf_dist.kernel.compiled as compiled
 from lion_sf_dist import LionSF
 from tests.reference import ReferenceLionSF
@@ -34,26 +35,39 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "bf16_sr": {"agreement": "tensor", "state_dtype": torch.bfloat16, "stochastic_rounding": True},
 }
 WITHOUT_REFERENCE = ("bf16_sr",)
-STACKED = "stacked"  # an option only inside every_tensor_stacked()
+STACKED = "stacked"  # options only inside every_tensor_stacked(): the compiled path's stacks,
+STACKED_CHUNKED = "stacked-chunked"  # and the chunked path's
 
 
 @contextlib.contextmanager
-def every_tensor_stacked() -> Iterator[list[int]]:
-    """``OPTIONS[STACKED]``: module units with ``use_triton=True`` and stacks of one allowed, so every
-    contiguous tensor (all of them under FSDP2) takes the compiled path's stacked route; compiling
-    anything fails the case. Yields the sizes of the stacks stepped."""
+def every_tensor_stacked(path: str = "compiled") -> Iterator[list[int]]:
+    """Module units with stacks of one allowed, so every tensor takes ``path``'s stacked route: ``"compiled"``
+    (``OPTIONS[STACKED]``, ``use_triton=True``; compiling anything fails the case; every contiguous tensor,
+    all of them under FSDP2) or ``"chunked"`` (``OPTIONS[STACKED_CHUNKED]``, the CPU default; every tensor
+    of at most ``STACK_NUMEL`` elements). Yields the sizes of the stacks stepped."""
     stacked: list[int] = []
-    real = compiled._stacked_apply
+    if path == "compiled":
+        real_apply = compiled._stacked_apply
 
-    def no_compile(fn: Any, device: Any) -> Any:
-        raise AssertionError("every tensor should take the stacked route")
+        def no_compile(fn: Any, device: Any) -> Any:
+            raise AssertionError("every tensor should take the stacked route")
 
-    with (
-        mock.patch.object(compiled, "STACK_MIN", 1),
-        mock.patch.object(compiled, "_stacked_apply", lambda ps, *a: stacked.append(len(ps)) or real(ps, *a)),
-        mock.patch.object(compiled, "_compile", no_compile),
-        mock.patch.dict(OPTIONS, {STACKED: {"agreement": "module", "use_triton": True}}),
-    ):
+        patches = [
+            mock.patch.object(compiled, "STACK_MIN", 1),
+            mock.patch.object(compiled, "_stacked_apply", lambda ps, *a: stacked.append(len(ps)) or real_apply(ps, *a)),
+            mock.patch.object(compiled, "_compile", no_compile),
+            mock.patch.dict(OPTIONS, {STACKED: {"agreement": "module", "use_triton": True}}),
+        ]
+    else:
+        real_stacks = chunked._stacks
+        patches = [
+            mock.patch.object(chunked, "STACK_MIN", 1),
+            mock.patch.object(chunked, "_stacks", lambda *a: [stacked.append(len(i)) or i for i in real_stacks(*a)]),
+            mock.patch.dict(OPTIONS, {STACKED_CHUNKED: {"agreement": "module"}}),
+        ]
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
         yield stacked
 BAD_STEP = STEPS - 1  # in "nonfinite" runs, this step's a.weight gradient has an Inf in its last row
 NO_GRAD = ("b.bias", 1)  # this parameter has no gradient at this step

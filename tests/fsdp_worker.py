@@ -24,6 +24,7 @@ from tests.fsdp_cases import (
     NAMES,
     OPTIONS,
     STACKED,
+    STACKED_CHUNKED,
     STEPS,
     every_tensor_stacked,
     full_grads,
@@ -248,9 +249,10 @@ def all_cases(rank: int, world: int) -> dict[str, Any]:
             out[("collectives", layout)] = count_collectives(layout, meshes)
         for option in ("module", "ema"):
             out[("swapped", option)] = swapped(meshes, option)
-        with every_tensor_stacked() as stacked:
-            out[("stacked", "fsdp2")] = run_case("fsdp2", STACKED, meshes)
-        out[("stacked", "fsdp2")]["stacks"] = stacked
+        for path, option in (("compiled", STACKED), ("chunked", STACKED_CHUNKED)):
+            with every_tensor_stacked(path) as stacked:
+                out[(option, "fsdp2")] = run_case("fsdp2", option, meshes)
+            out[(option, "fsdp2")]["stacks"] = stacked
     if world <= 2:
         out[("train",)] = train(fsdp2_model(meshes.flat), rank, world)
     if world == 4:

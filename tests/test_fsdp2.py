@@ -20,6 +20,7 @@ from tests.fsdp_cases import (
     NAMES,
     OPTIONS,
     STACKED,
+    STACKED_CHUNKED,
     STEPS,
     WITHOUT_REFERENCE,
     every_tensor_stacked,
@@ -105,6 +106,20 @@ def test_compiled_stacked_route_sharded_equals_single_process(world: int) -> Non
         got = res[("stacked", "fsdp2")]
         assert got["stacks"], f"rank {rank} took no stack"
         assert_same(got, want, f"W={world} fsdp2 stacked rank {rank}")
+
+
+@pytest.mark.parametrize("world", WORLDS[1:])
+def test_chunked_stacked_route_sharded_equals_single_process(world: int) -> None:
+    """The CPU default with every small tensor on its stacked route: FSDP2 shards (uneven, some empty)
+    give the single-process result bit for bit, and that one is the tensor-by-tensor result bit for bit."""
+    with every_tensor_stacked("chunked") as stacked:
+        want = single_process(STACKED_CHUNKED)
+    assert stacked, "the single-process run took no stack"
+    assert_same(want, expected("module"), "single process, stacked against tensor by tensor")
+    for rank, res in enumerate(results(world)):
+        got = res[(STACKED_CHUNKED, "fsdp2")]
+        assert got["stacks"], f"rank {rank} took no stack"
+        assert_same(got, want, f"W={world} fsdp2 chunked stacks rank {rank}")
 
 
 def test_layouts_are_what_they_claim() -> None:
