@@ -130,12 +130,9 @@ def apply(
     todo = range(len(ps)) if only is None else only
     stacks = [] if rounding is not None else _stacks((ps, ms, gs), list(zip(values.beta1s, values.beta2s)), todo)
     for idx in stacks:
-        p, m, g = (torch.stack(pick(ts, idx)) for ts in (ps, ms, gs))
-        row_shape = (len(idx),) + (1,) * (p.dim() - 1)  # one value per row, broadcast over its elements
-        step, decay, keep = (torch.stack(pick(col, idx)).view(row_shape) for col in (a_all, d_all, k_all))
-        update.apply_pieces([(p, m, g)], step, decay, keep, values.beta1s[idx[0]], values.beta2s[idx[0]], None, scratch)
-        torch._foreach_copy_(pick(ps, idx), list(p.unbind()))
-        torch._foreach_copy_(pick(ms, idx), list(m.unbind()))
+        rows = [torch.stack(pick(col, idx)) for col in (a_all, d_all, k_all)]
+        betas = values.beta1s[idx[0]], values.beta2s[idx[0]]
+        apply_stacked((pick(ps, idx), pick(ms, idx), pick(gs, idx)), rows, betas, scratch)
     stacked = {i for idx in stacks for i in idx}
     for i in todo:
         if i in stacked:
@@ -145,3 +142,25 @@ def apply(
         pieces = [(pc, mc, gc) for _, (pc, mc, gc) in chunks]
         beta1, beta2 = values.beta1s[i], values.beta2s[i]
         update.apply_pieces(pieces, a_all[i], d_all[i], k_all[i], beta1, beta2, draws, scratch)
+
+
+def apply_stacked(
+    tensors: tuple[Sequence[Tensor], Sequence[Tensor], Sequence[Tensor]],
+    rows: Sequence[Tensor],
+    betas: tuple[float | tuple[Tensor, Tensor], float | tuple[Tensor, Tensor]],
+    scratch: Optional[update.Scratch] = None,
+) -> None:
+    """:func:`~lion_sf_dist.kernel.update.apply_update` of tensors ``(ps, ms, gs)`` of one shape and dtypes,
+    stacked as rows, then written back.
+
+    ``rows``: ``step_size``, ``decay`` and ``keep``, each ``[K]``, one value per tensor;
+    ``betas``: ``(beta1, beta2)`` as :func:`~lion_sf_dist.kernel.update.apply_update` takes them
+    (the compiled path's as ``[K, 1]`` tensors).
+    """
+    ps, ms, gs = tensors
+    p, m, g = (torch.stack(list(ts)) for ts in tensors)
+    shape = (len(ps),) + (1,) * (p.dim() - 1)  # one value per row, broadcast over its elements
+    step_size, decay, keep = (r.view(shape) for r in rows)
+    update.apply_pieces([(p, m, g)], step_size, decay, keep, *betas, None, scratch)
+    torch._foreach_copy_(list(ps), list(p.unbind()))
+    torch._foreach_copy_(list(ms), list(m.unbind()))

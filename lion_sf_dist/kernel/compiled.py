@@ -223,15 +223,12 @@ def _stacked_count(ms: list[Tensor], gs: list[Tensor], coefs: Tensor) -> Tensor:
 def _stacked_apply(
     ps: list[Tensor], ms: list[Tensor], gs: list[Tensor], step_size: Tensor, decay: Tensor, keep: Tensor, coefs: Tensor
 ) -> None:
-    """``update.apply_update`` of flat tensors of one size, stacked as rows, then written back.
+    """:func:`~lion_sf_dist.kernel.chunked.apply_stacked` of flat tensors of one size, with betas as tensors.
 
     ``step_size``, ``decay``, ``keep`` (``[K]``) and ``coefs`` (``[K, 4]``): the stack's rows of the step's tables.
     """
-    p, m = torch.stack(ps), torch.stack(ms)
     betas = (coefs[:, 0:1], coefs[:, 1:2]), (coefs[:, 2:3], coefs[:, 3:4])
-    update.apply_update(p, m, torch.stack(gs), step_size[:, None], decay[:, None], keep[:, None], *betas)
-    torch._foreach_copy_(ps, list(p.unbind()))
-    torch._foreach_copy_(ms, list(m.unbind()))
+    chunked.apply_stacked((ps, ms, gs), (step_size, decay, keep), betas)
 
 
 def _padded(values: Tensor, fill: float | bool) -> Tensor:

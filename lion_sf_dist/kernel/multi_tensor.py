@@ -18,8 +18,8 @@ from lion_sf_dist.rounding import Rounding, stochastic_bf16
 class MultiTensorKernel:
     """Each stage over all tensors of a step with ``torch._foreach_*`` ops.
 
-    Tensors are grouped by ``(beta1, beta2)`` (``add`` with ``alpha`` takes one scalar per
-    call) and by the dtypes of ``p``/``exp_avg`` (low-precision ones are promoted to
+    Tensors are grouped by ``beta1`` (``add`` with ``alpha`` takes one scalar per call;
+    ``beta2`` enters as per-tensor factors) and by the dtypes of ``p``/``exp_avg`` (low-precision ones are promoted to
     float32 by multiplying with a ``(1,)``-shaped float32 tensor, which is exact, and are
     written back once at the end). The dispatched ops per step are a constant per group,
     not per tensor or element; on CUDA the calls whose second list holds per-tensor
@@ -111,9 +111,9 @@ class MultiTensorKernel:
         beta2, one_minus_beta2 = self.beta2_table(beta2s, device).unbind(0)
         b2k = torch.where(keep, beta2, 1.0).view(-1, 1).unbind(0)
         coefs = torch.where(keep, one_minus_beta2, 0.0).view(-1, 1).unbind(0)
-        groups = by_key([(beta1s[i], beta2s[i], ps[i].dtype, ms[i].dtype) for i in dense])
+        groups = by_key([(beta1s[i], ps[i].dtype, ms[i].dtype) for i in dense])
         # p first, from the old m; then clean the gradients of skipped units; then m
-        for (b1, _, p_dtype, m_dtype), idx in groups.items():
+        for (b1, p_dtype, m_dtype), idx in groups.items():
             p_low, m_low = p_dtype != F32, m_dtype != F32
             at = [dense[j] for j in idx]
             m_ = pick(mf, idx)
@@ -132,7 +132,7 @@ class MultiTensorKernel:
             if p_low:
                 self._store(p_, p32, rounding, at, 0)
         gathered.nan_to_num_(0.0, 0.0, 0.0)
-        for (_, _, _, m_dtype), idx in groups.items():
+        for (_, _, m_dtype), idx in groups.items():
             m_low = m_dtype != F32
             at = [dense[j] for j in idx]
             m_ = pick(mf, idx)

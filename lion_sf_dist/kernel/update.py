@@ -115,19 +115,24 @@ def _interp(m32: Tensor, g32: Tensor, beta: float | tuple[Tensor, Tensor], out: 
 
 
 def _momentum(
-    m32: Tensor, g32: Tensor, keep: Tensor, factors: tuple[Tensor, Tensor], compiled: bool, out: Optional[Tensor]
+    m32: Tensor,
+    g32: Tensor,
+    keep: Tensor,
+    beta: float | tuple[Tensor, Tensor],
+    factors: tuple[Tensor, Tensor],
+    out: Optional[Tensor],
 ) -> Tensor:
     """``m * b + g * (1 - b)`` in place on float32 ``m32`` where ``keep``; ``m32`` unchanged otherwise.
 
     ``factors``: :func:`_momentum_factors` (once per tensor): a skipped unit's ``m`` gets
-    ``m * 1 + 0``, once its gradient's NaN and Inf are zeroed. Eager (``compiled`` false),
+    ``m * 1 + 0``, once its gradient's NaN and Inf are zeroed. Eager (``beta`` a float),
     ``nan_to_num`` (into ``out`` if given) zeroes them, a multiply by ``keep`` and a
     ``torch.where`` cost more on CPU, and ``addcmul_`` rounds as ``add_(g, alpha=1 - b)``
-    does: one multiply-add. Compiled, a select is a free blend (inductor's CPU loops with
-    ``nan_to_num`` took 1.5x as long a step).
+    does: one multiply-add. Compiled (``beta`` as tensors), a select is a free blend
+    (inductor's CPU loops with ``nan_to_num`` took 1.5x as long a step).
     """
     factor, coef = factors
-    if compiled:
+    if isinstance(beta, tuple):
         return m32.mul_(factor).add_(torch.where(keep, g32, 0.0) * coef)
     return m32.mul_(factor).addcmul_(torch.nan_to_num(g32, 0.0, 0.0, 0.0, out=out), coef)
 
@@ -225,14 +230,13 @@ def apply_pieces(
     is done once here, and the loop body is the update itself.
     """
     factors = _momentum_factors(keep, beta2)
-    compiled = isinstance(beta2, tuple)
     for i, (p, m, g) in enumerate(pieces):
         g32 = _f32(g, scratch, _G)
         m32 = _f32(m, scratch, _M)
         u = _interp(m32, g32, beta1, _new(g32, scratch, _C)).sign_()
         # u * step_size is exact (u is -1, 0 or 1), so addcmul rounds once, as p * decay + u * step_size.
         p32 = _f32(p, scratch, _P).mul_(decay).addcmul_(u, step_size)
-        _momentum(m32, g32, keep, factors, compiled, _new(g32, scratch, _C))  # u is spent: its buffer is free
+        _momentum(m32, g32, keep, beta2, factors, _new(g32, scratch, _C))  # u is spent: its buffer is free
         piece_draws = draws[i] if draws is not None else None
         draw_p, draw_m = piece_draws if piece_draws is not None else (None, None)
         _store(p, p32, draw_p)
