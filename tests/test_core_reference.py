@@ -141,8 +141,10 @@ def test_pow0_is_lion_pytorch_bitwise():
 def test_wrong_formula_is_caught(monkeypatch):
     """The reference comparison fails on a subtly wrong count (>= 0 instead of > 0)."""
 
-    def count_nonnegative(m, g, beta1, scratch=None):
+    def count_nonnegative(m, g, beta1, scratch=None, signs=None):
         u = m.mul(beta1).add_(g, alpha=1.0 - beta1).sign_()
+        if signs is not None:
+            signs.copy_(u)
         return (u.mul_(g) >= 0).to(torch.float32).add_(g, alpha=0.0).sum(dtype=torch.float32)
 
     monkeypatch.setattr(kernel.update, "agreement_sum", count_nonnegative)
@@ -156,7 +158,7 @@ def test_lerp_rounding_is_caught(monkeypatch):
     """docs/CONTRACT.md section 2 pins ``m.mul_(b2).add_(g, alpha=1 - b2)``; a lerp momentum update
     must fail the bitwise check."""
 
-    def apply_lerp(pieces, step_size, decay, keep, beta1, beta2, draws=None, scratch=None):
+    def apply_lerp(pieces, step_size, decay, keep, beta1, beta2, draws=None, scratch=None, finite=False, signs=None):
         for p, m, g in pieces:
             u = m.mul(beta1).add_(g, alpha=1.0 - beta1).sign_()
             p.mul_(decay).addcmul_(u, step_size)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import lion_sf_dist.kernel as kernel
+from lion_sf_dist import LionSF
 from lion_sf_dist._torch_private import dispatch_mode
 from lion_sf_dist.kernel import Kernel
 from lion_sf_dist.opcount import count_ops, gpt2_small_shapes, llama7b_shapes
@@ -58,8 +59,13 @@ def _step(kern: Kernel, ps, ms, gs, transpose_last: bool = False):
 ], ids=["fp32", "bf16", "mixed"])
 @pytest.mark.parametrize("transpose_last", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("chunk", [kernel.chunked.CHUNK, 1000], ids=["one-chunk", "many-chunks"])
-def test_foreach_matches_chunked_bitwise(dtypes, transpose_last, chunk, monkeypatch):
+@pytest.mark.parametrize("keep_read", [True, False], ids=["keep-on-host", "keep-on-device"])
+def test_foreach_matches_chunked_bitwise(dtypes, transpose_last, chunk, keep_read, monkeypatch):
+    """The chunked path in both forms: reading ``keep`` on the host (CPU: skipped units untouched,
+    gradients not cleaned) and the select-free one it takes on other devices."""
     monkeypatch.setattr(kernel.chunked, "CHUNK", chunk)
+    if not keep_read:
+        monkeypatch.setattr(kernel.chunked, "keep_on_host", lambda keep: None)
     ps, ms, gs = _case(dtypes)
     rows_c, ps_c, ms_c = _step(Kernel(False), ps, ms, gs, transpose_last)
     rows_f, ps_f, ms_f = _step(Kernel(False, foreach=True), ps, ms, gs, transpose_last)
@@ -96,7 +102,9 @@ def test_chunked_counts_sum_over_chunks(monkeypatch):
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["chunked", "foreach"])
 def test_without_nan_cleaning_is_caught(monkeypatch, foreach):
-    """Dropping the gradient cleaning of skipped units lets NaN into ``exp_avg``: the comparison must see it."""
+    """Dropping the gradient cleaning of skipped units lets NaN into ``exp_avg``: the comparison must see it
+    (the chunked path in the form it takes off the CPU, where it cannot read ``keep``)."""
+    monkeypatch.setattr(kernel.chunked, "keep_on_host", lambda keep: None)
     monkeypatch.setattr(torch.Tensor, "nan_to_num_", lambda self, *a, **k: self)
     monkeypatch.setattr(torch, "nan_to_num", lambda g, *a, out=None, **k: g if out is None else out.copy_(g))
     ps, ms, gs = _case([torch.float32] * 6)
@@ -104,16 +112,104 @@ def test_without_nan_cleaning_is_caught(monkeypatch, foreach):
     assert not torch.equal(ms_f[3], ms[3])
 
 
+def test_chunked_host_skip_is_caught(monkeypatch):
+    """On CPU the chunked path leaves skipped units alone instead of cleaning their gradients: stepping
+    them as if they were kept lets NaN and Inf into ``exp_avg``, and the comparison must see it."""
+    monkeypatch.setattr(kernel.chunked, "keep_on_host", lambda keep: [True] * keep.numel())
+    ps, ms, gs = _case([torch.float32] * 6)
+    _, _, ms_c = _step(Kernel(False), ps, ms, gs)
+    for i in (3, 5):
+        assert not torch.equal(ms_c[i], ms[i]), f"exp_avg {i} kept its value"
+
+
+class _Signs(dispatch_mode()):  # type: ignore[misc]
+    """Counts ``sign`` ops (in place or not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func.overloadpacket in (torch.ops.aten.sign, torch.ops.aten.sign_)
+        return func(*args, **(kwargs or {}))
+
+
+def _chunked_step(ps, ms, gs, signs, between=lambda gs: None, beta1s=BETAS1):
+    """One chunked count and apply (with ``signs``), after ``between`` ran on the gradients in the middle;
+    returns the new parameters and ``exp_avg`` and how many ``sign`` ops ran."""
+    ps, ms, gs = [p.clone() for p in ps], [m.clone() for m in ms], [g.clone() for g in gs]
+    keep = torch.tensor([True, True, True, False, True, False])
+    values = kernel.update.StepValues(
+        torch.where(keep, torch.tensor([-0.01, -0.02, -0.03, -0.1, -0.001, -0.1]), 0.0),
+        torch.where(keep, torch.tensor([0.999, 0.99, 1.0, 0.9, 0.9, 0.9]), 1.0),
+        keep, beta1s, BETAS2,
+    )
+    with _Signs() as mode:
+        kernel.chunked.count(ms, gs, BETAS1, signs=signs)
+        between(gs)
+        kernel.chunked.apply(ps, ms, gs, values, signs=signs)
+    return ps, ms, mode.calls
+
+
+def test_chunked_apply_reads_the_counted_signs(monkeypatch):
+    """The count stage records each element's update sign and the apply stage reads it back: ``sign``
+    runs once per piece instead of twice, with the same parameters and ``exp_avg``, bitwise. A record
+    whose gradient changed in place since, or asked for with another ``beta1``, is not used (the
+    result equals a fresh computation); using a stale one regardless is seen, so the comparison can fail."""
+    monkeypatch.setattr(kernel.chunked, "CHUNK", 1000)
+    ps, ms, gs = _case([torch.float32] * 6)
+    ps_r, ms_r, signs_r = _chunked_step(ps, ms, gs, kernel.chunked.Signs())
+    ps_n, ms_n, signs_n = _chunked_step(ps, ms, gs, None)
+    pieces = sum(-(-t.numel() // 1000) for t in ms)  # ceil: the chunks of each tensor
+    stepped = sum(-(-t.numel() // 1000) for i, t in enumerate(ms) if i not in (3, 5))
+    assert signs_r == pieces and signs_n == pieces + stepped
+    assert all(torch.equal(a, b) for a, b in zip(ps_r + ms_r, ps_n + ms_n))
+
+    def flip(gs):
+        gs[4].neg_()
+
+    _, ms_f, signs_f = _chunked_step(ps, ms, gs, kernel.chunked.Signs(), flip)
+    _, ms_fresh, _ = _chunked_step(ps, ms, gs, None, flip)
+    assert signs_f == pieces + 91 and all(torch.equal(a, b) for a, b in zip(ms_f, ms_fresh))  # tensor 4 again
+    beta1s = (0.9,) * 6
+    ps_b, _, signs_b = _chunked_step(ps, ms, gs, kernel.chunked.Signs(), beta1s=beta1s)
+    ps_bf, _, _ = _chunked_step(ps, ms, gs, None, beta1s=beta1s)
+    assert signs_b == pieces + 91 + 1 and all(torch.equal(a, b) for a, b in zip(ps_b, ps_bf))  # tensors 1 and 4
+    monkeypatch.setattr(kernel.chunked._torch_private, "version", lambda t: 0)
+    ps_s, _, _ = _chunked_step(ps, ms, gs, kernel.chunked.Signs(), flip)
+    ps_fresh, _, _ = _chunked_step(ps, ms, gs, None, flip)
+    assert not torch.equal(ps_s[4], ps_fresh[4])
+
+
+def test_optimizer_step_computes_each_sign_once(monkeypatch):
+    """In LionSF's own step on CPU (the chunked path) the apply stage finds the signs the count stage
+    recorded for the very segments it steps: one ``sign`` op per piece."""
+    monkeypatch.setattr(kernel.chunked, "CHUNK", 1000)
+    gen = torch.Generator().manual_seed(1)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = LionSF(ps, lr=1e-3, foreach=False)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen)
+        with _Signs() as mode:
+            opt.step()
+    assert mode.calls == sum(-(-p.numel() // 1000) for p in ps)
+
+
 STACK_SHAPES = [(8,)] * 6 + [(2, 3)] * 4 + [(4,)] * 3 + [(40, 30)]
 STACK_BETAS = [(0.9, 0.99)] * 4 + [(0.5, 0.95)] * 2 + [(0.9, 0.99)] * 8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_chunked_stacks_match_tensor_by_tensor(dtype, monkeypatch):
+@pytest.mark.parametrize("keep_read", [True, False], ids=["keep-on-host", "keep-on-device"])
+def test_chunked_stacks_match_tensor_by_tensor(dtype, keep_read, monkeypatch):
     """Small tensors of one shape, dtypes and betas are stepped stacked as rows: counts, parameters and
     ``exp_avg`` equal those of the same tensors stepped one by one, bitwise, with a different step,
-    decay and keep per row (two rows skipped for NaN and Inf). Giving every row the first row's
-    ``keep`` is seen, so the comparison can fail."""
+    decay and keep per row (two rows skipped for NaN and Inf: inside their stacks where ``keep`` is
+    not read on the host, left out of them where it is). Giving every row the first row's ``keep``
+    is seen, so the comparison can fail."""
+    if not keep_read:
+        monkeypatch.setattr(kernel.chunked, "keep_on_host", lambda keep: None)
     gen = torch.Generator().manual_seed(5)
     ps = [torch.randn(s, generator=gen).to(dtype) for s in STACK_SHAPES]
     ms = [(torch.randn(s, generator=gen) * 0.1).to(dtype) for s in STACK_SHAPES]
@@ -142,16 +238,21 @@ def test_chunked_stacks_match_tensor_by_tensor(dtype, monkeypatch):
         kern.apply(p2, m2, gs, step, decay, keep, beta1s, beta2s)
         return rows, p2, m2
 
-    rows_s, ps_s, ms_s = run(4, keep)
-    assert sorted(shapes[:2]) == [(4, 2, 3), (4, 8)] and len(shapes) == 2 + 2 + 3 + 1  # two stacks, 6 alone
+    if keep_read:  # the skipped rows 1 and 7 leave three rows in each group
+        stack_min, stacks = 3, [(3, 2, 3), (3, 4), (3, 8)]
+    else:
+        stack_min, stacks = 4, [(4, 2, 3), (4, 8)]
+    rows_s, ps_s, ms_s = run(stack_min, keep)
+    assert sorted(shapes[: len(stacks)]) == stacks
+    assert len(shapes) == len(stacks) + n - sum(s[0] for s in stacks) - (2 if keep_read else 0)
     shapes.clear()
     rows_t, ps_t, ms_t = run(10**9, keep)
-    assert len(shapes) == n
+    assert len(shapes) == n - (2 if keep_read else 0)
     assert torch.equal(rows_s, rows_t) and rows_s[:, 1].tolist() == [int(i in (1, 7)) for i in range(n)]
     for i in range(n):
         assert torch.equal(ps_s[i], ps_t[i]) and torch.equal(ms_s[i], ms_t[i]), f"tensor {i} differs"
     assert torch.equal(ps_s[7], ps[7]) and torch.equal(ms_s[7], ms[7])  # a skipped row keeps its values
-    _, ps_w, ms_w = run(4, keep[:1].expand(n))
+    _, ps_w, ms_w = run(stack_min, keep[:1].expand(n))
     assert not all(torch.equal(a, b) and torch.equal(c, d) for a, b, c, d in zip(ps_w, ps_s, ms_w, ms_s))
 
 

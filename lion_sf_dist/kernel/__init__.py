@@ -44,6 +44,7 @@ class Kernel:
         self._multi = MultiTensorKernel()
         self._compiled = CompiledKernel() if compiled else None
         self._scratch = Scratch(chunked.CHUNK)
+        self._signs = chunked.Signs()
 
     def _multi_tensor(self, device: torch.device) -> Optional[MultiTensorKernel]:
         """The multi-tensor kernel when it is the eager path for ``device`` (``foreach=None``: on every non-CPU one)."""
@@ -60,7 +61,11 @@ class Kernel:
         rows = self._compiled.count(ms, gs, beta1s) if self._compiled is not None else None
         if rows is None:
             multi = self._multi_tensor(ms[0].device)
-            rows = multi.count(ms, gs, beta1s) if multi is not None else chunked.count(ms, gs, beta1s, self._scratch)
+            rows = (
+                multi.count(ms, gs, beta1s)
+                if multi is not None
+                else chunked.count(ms, gs, beta1s, self._scratch, self._signs)
+            )
         return torch.stack((rows[:, 0] * (rows[:, 1] == 0), rows[:, 1]), dim=1)
 
     def apply(
@@ -86,6 +91,6 @@ class Kernel:
         if multi is not None:
             multi.apply(ps, ms, gs, values)
             return
-        chunked.apply(ps, ms, gs, values, scratch=self._scratch)
+        chunked.apply(ps, ms, gs, values, scratch=self._scratch, signs=self._signs)
 
     # -- compiled ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from lion_sf_dist import _torch_private
 from lion_sf_dist.kernel import update
 from lion_sf_dist.kernel.tensors import STACK_MIN, STACK_NUMEL, by_key, pick
 from lion_sf_dist.rounding import Rounding, stochastic_bf16
@@ -77,8 +78,77 @@ def _draw_fn(rounding: Rounding, seg: int, stream: int, start: int, shape: torch
     return draw
 
 
+class Signs:
+    """The update's sign of each element, ``sign(m * b1 + g * (1 - b1))``, kept from the count stage for the
+    apply stage of the same step (int8: one byte per element, in a buffer kept from step to step).
+
+    Both stages need it; reading it back spares the apply stage three of its eight
+    operations per chunk. A record holds the ``m`` and ``g`` it was computed from and their
+    version counters: it serves only those tensors, unchanged since, with the same ``beta1``;
+    anything else is computed afresh. Taking the records ends them. Not thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._by_device: dict[torch.device, Tensor] = {}
+        self._records: dict[tuple[int, int], tuple[Tensor, Tensor, int, int, float, Tensor]] = {}
+
+    def record(
+        self, ms: Sequence[Tensor], gs: Sequence[Tensor], beta1s: Sequence[float], among: Sequence[int]
+    ) -> dict[int, Tensor]:
+        """Flat int8 slots for the signs of tensors ``among``, by position, recorded; earlier records end."""
+        self._records.clear()
+        needed: dict[torch.device, int] = {}
+        for i in among:
+            needed[ms[i].device] = needed.get(ms[i].device, 0) + ms[i].numel()
+        for device, n in needed.items():
+            if device not in self._by_device or self._by_device[device].numel() < n:
+                self._by_device.pop(device, None)  # freed before its successor is allocated
+                self._by_device[device] = torch.empty(n, dtype=torch.int8, device=device)
+        used = dict.fromkeys(needed, 0)
+        slots: dict[int, Tensor] = {}
+        for i in among:
+            m, g, n = ms[i], gs[i], ms[i].numel()
+            start = used[m.device]
+            slots[i] = self._by_device[m.device][start : start + n]
+            used[m.device] = start + n
+            self._records[id(m), id(g)] = (
+                m,
+                g,
+                _torch_private.version(m),
+                _torch_private.version(g),
+                beta1s[i],
+                slots[i],
+            )
+        return slots
+
+    def take(
+        self, ms: Sequence[Tensor], gs: Sequence[Tensor], beta1s: Sequence[float], among: Sequence[int]
+    ) -> dict[int, Tensor]:
+        """The recorded slots still valid for tensors ``among``, by position; every record then ends."""
+        valid: dict[int, Tensor] = {}
+        for i in among:
+            entry = self._records.get((id(ms[i]), id(gs[i])))
+            if entry is None:
+                continue
+            m, g, m_version, g_version, beta1, slot = entry
+            unchanged = _torch_private.version(m) == m_version and _torch_private.version(g) == g_version
+            if m is ms[i] and g is gs[i] and unchanged and beta1 == beta1s[i]:
+                valid[i] = slot
+        self._records.clear()
+        return valid
+
+
+def _slot_pieces(slot: Tensor, chunks: Sequence[tuple[int, tuple[Tensor, ...]]]) -> list[Tensor]:
+    """``slot`` (a tensor's flat signs, in the order of its elements) cut as ``chunks`` cut the tensor."""
+    return [slot[start : start + pieces[0].numel()].view(pieces[0].shape) for start, pieces in chunks]
+
+
 def count(
-    ms: Sequence[Tensor], gs: Sequence[Tensor], beta1s: Sequence[float], scratch: Optional[update.Scratch] = None
+    ms: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    beta1s: Sequence[float],
+    scratch: Optional[update.Scratch] = None,
+    signs: Optional[Signs] = None,
 ) -> Tensor:
     """``[S, 2]``: :func:`~lion_sf_dist.kernel.update.count_agreement` of each ``(m, g)``, summed over its chunks
     (``A`` is 0 where ``P > 0``).
@@ -86,12 +156,15 @@ def count(
     Each chunk (or stacked row) leaves one float32 sum
     (:func:`~lion_sf_dist.kernel.update.agreement_sum`, NaN for a non-finite gradient); they
     are stacked once per step and reduced per tensor, a few small ops per tensor instead of
-    per chunk. ``scratch``: where the temporaries go (default: fresh tensors).
+    per chunk. ``scratch``: where the temporaries go (default: fresh tensors). ``signs``:
+    where the update's signs of the tensors not stacked are recorded for :func:`apply`.
     """
     stacked: dict[int, Tensor] = {}
     for idx in _stacks((ms, gs), [(b,) for b in beta1s], range(len(ms))):
         m, g = torch.stack(pick(ms, idx)), torch.stack(pick(gs, idx))
         stacked.update(zip(idx, update.agreement_sum(m, g, beta1s[idx[0]], scratch, rows=True).unbind()))
+    alone = [i for i in range(len(ms)) if i not in stacked]
+    slots = signs.record(ms, gs, beta1s, alone) if signs is not None else {}
     sums: list[Tensor] = []
     pieces: list[int] = []
     for i, (m, g, beta1) in enumerate(zip(ms, gs, beta1s)):
@@ -100,7 +173,8 @@ def count(
             pieces.append(1)
             continue
         chunks = _flat_chunks(CHUNK, m, g)
-        sums.extend(update.agreement_sum(mc, gc, beta1, scratch) for _, (mc, gc) in chunks)
+        out = _slot_pieces(slots[i], chunks) if i in slots else [None] * len(chunks)
+        sums.extend(update.agreement_sum(mc, gc, beta1, scratch, signs=o) for (_, (mc, gc)), o in zip(chunks, out))
         pieces.append(len(chunks))
     totals = torch.stack(sums)
     poison = totals.isnan()
@@ -118,21 +192,31 @@ def apply(
     values: update.StepValues,
     only: Optional[Sequence[int]] = None,
     scratch: Optional[update.Scratch] = None,
+    signs: Optional[Signs] = None,
 ) -> None:
     """:func:`~lion_sf_dist.kernel.update.apply_update` chunk by chunk (or stacked) on segments ``only``
     (default: all).
 
-    ``scratch``: where the temporaries go (default: fresh tensors). With stochastic rounding
+    ``scratch``: where the temporaries go (default: fresh tensors). ``signs``: the update's
+    signs :func:`count` recorded, read back where still valid. With stochastic rounding
     nothing is stacked: a piece's random bits follow its elements' positions.
+
+    On CPU, where reading ``keep`` costs no synchronisation, a skipped unit's tensors are
+    not touched at all and a stepping one's gradient is known finite (not cleaned); on
+    other devices every tensor takes the select-free form that serves both.
     """
     a_all, d_all, k_all = values.step_size.unbind(), values.decay.unbind(), values.keep.unbind()
+    known = keep_on_host(values.keep)
     rounding = values.rounding
     todo = range(len(ps)) if only is None else only
+    if known is not None:
+        todo = [i for i in todo if known[i]]
+    slots = signs.take(ms, gs, values.beta1s, todo) if signs is not None else {}
     stacks = [] if rounding is not None else _stacks((ps, ms, gs), list(zip(values.beta1s, values.beta2s)), todo)
     for idx in stacks:
         rows = [torch.stack(pick(col, idx)) for col in (a_all, d_all, k_all)]
         betas = values.beta1s[idx[0]], values.beta2s[idx[0]]
-        apply_stacked((pick(ps, idx), pick(ms, idx), pick(gs, idx)), rows, betas, scratch)
+        apply_stacked((pick(ps, idx), pick(ms, idx), pick(gs, idx)), rows, betas, scratch, finite=known is not None)
     stacked = {i for idx in stacks for i in idx}
     for i in todo:
         if i in stacked:
@@ -141,7 +225,13 @@ def apply(
         draws = None if rounding is None else [_draws(rounding, i, start, pc.shape) for start, (pc, _, _) in chunks]
         pieces = [(pc, mc, gc) for _, (pc, mc, gc) in chunks]
         beta1, beta2 = values.beta1s[i], values.beta2s[i]
-        update.apply_pieces(pieces, a_all[i], d_all[i], k_all[i], beta1, beta2, draws, scratch)
+        read = _slot_pieces(slots[i], chunks) if i in slots else None
+        update.apply_pieces(pieces, a_all[i], d_all[i], k_all[i], beta1, beta2, draws, scratch, known is not None, read)
+
+
+def keep_on_host(keep: Tensor) -> Optional[list[bool]]:
+    """``keep`` as host booleans where reading it costs no synchronisation (a CPU tensor), else ``None``."""
+    return keep.tolist() if keep.device.type == "cpu" else None
 
 
 def apply_stacked(
@@ -149,18 +239,19 @@ def apply_stacked(
     rows: Sequence[Tensor],
     betas: tuple[float | tuple[Tensor, Tensor], float | tuple[Tensor, Tensor]],
     scratch: Optional[update.Scratch] = None,
+    finite: bool = False,
 ) -> None:
     """:func:`~lion_sf_dist.kernel.update.apply_update` of tensors ``(ps, ms, gs)`` of one shape and dtypes,
     stacked as rows, then written back.
 
     ``rows``: ``step_size``, ``decay`` and ``keep``, each ``[K]``, one value per tensor;
     ``betas``: ``(beta1, beta2)`` as :func:`~lion_sf_dist.kernel.update.apply_update` takes them
-    (the compiled path's as ``[K, 1]`` tensors).
+    (the compiled path's as ``[K, 1]`` tensors); ``finite``: every row's ``keep`` is true.
     """
     ps, ms, gs = tensors
     p, m, g = (torch.stack(list(ts)) for ts in tensors)
     shape = (len(ps),) + (1,) * (p.dim() - 1)  # one value per row, broadcast over its elements
     step_size, decay, keep = (r.view(shape) for r in rows)
-    update.apply_pieces([(p, m, g)], step_size, decay, keep, *betas, None, scratch)
+    update.apply_pieces([(p, m, g)], step_size, decay, keep, *betas, None, scratch, finite)
     torch._foreach_copy_(list(ps), list(p.unbind()))
     torch._foreach_copy_(list(ms), list(m.unbind()))

@@ -121,6 +121,7 @@ def _momentum(
     beta: float | tuple[Tensor, Tensor],
     factors: tuple[Tensor, Tensor],
     out: Optional[Tensor],
+    finite: bool = False,
 ) -> Tensor:
     """``m * b + g * (1 - b)`` in place on float32 ``m32`` where ``keep``; ``m32`` unchanged otherwise.
 
@@ -128,13 +129,16 @@ def _momentum(
     ``m * 1 + 0``, once its gradient's NaN and Inf are zeroed. Eager (``beta`` a float),
     ``nan_to_num`` (into ``out`` if given) zeroes them, a multiply by ``keep`` and a
     ``torch.where`` cost more on CPU, and ``addcmul_`` rounds as ``add_(g, alpha=1 - b)``
-    does: one multiply-add. Compiled (``beta`` as tensors), a select is a free blend
-    (inductor's CPU loops with ``nan_to_num`` took 1.5x as long a step).
+    does: one multiply-add. ``finite``: the caller knows ``keep`` is true, so ``g`` is
+    finite and needs no cleaning (on CPU, a quarter of the apply stage's time). Compiled
+    (``beta`` as tensors), a select is a free blend (inductor's CPU loops with
+    ``nan_to_num`` took 1.5x as long a step).
     """
     factor, coef = factors
     if isinstance(beta, tuple):
         return m32.mul_(factor).add_(torch.where(keep, g32, 0.0) * coef)
-    return m32.mul_(factor).addcmul_(torch.nan_to_num(g32, 0.0, 0.0, 0.0, out=out), coef)
+    clean = g32 if finite else torch.nan_to_num(g32, 0.0, 0.0, 0.0, out=out)
+    return m32.mul_(factor).addcmul_(clean, coef)
 
 
 def _momentum_factors(keep: Tensor, beta: float | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -164,27 +168,39 @@ def count_agreement(m: Tensor, g: Tensor, beta1: float | tuple[Tensor, Tensor], 
     return torch.stack((torch.where(poison, 0.0, total).to(torch.int64), poison.to(torch.int64)), dim=-1)
 
 
-def agreement_sum(m: Tensor, g: Tensor, beta1: float, scratch: Optional[Scratch] = None, rows: bool = False) -> Tensor:
+def agreement_sum(
+    m: Tensor,
+    g: Tensor,
+    beta1: float,
+    scratch: Optional[Scratch] = None,
+    rows: bool = False,
+    signs: Optional[Tensor] = None,
+) -> Tensor:
     """Eager, one tensor of at most ``2**24`` elements: a float32 sum, :func:`count_agreement`'s ``A``
     exactly, or NaN exactly when ``g`` holds a NaN or an Inf.
 
     Sums of several such pieces keep that meaning (``A`` summed in int64 once NaN is ruled
     out), so a caller can reduce a tensor's chunks with a few ops per tensor.
     ``scratch``: where the temporaries go (default: fresh tensors). ``rows``: ``m`` and
-    ``g`` are stacks of tensors, and the result has one sum per row.
+    ``g`` are stacks of tensors, and the result has one sum per row. ``signs``: a tensor of
+    ``m``'s shape that receives the update's sign, ``sign(m * b1 + g * (1 - b1))``, for
+    :func:`apply_pieces` to read back instead of computing it again.
     """
     g32 = _f32(g, scratch, _G)
     c = _interp(_f32(m, scratch, _M), g32, beta1, _new(g32, scratch, _C))
-    return _agreement_sum(c, g32, list(range(1, c.dim())) if rows else None)
+    return _agreement_sum(c, g32, list(range(1, c.dim())) if rows else None, signs)
 
 
-def _agreement_sum(c: Tensor, g32: Tensor, dims: Optional[list[int]]) -> Tensor:
-    """:func:`agreement_sum` from ``c`` (overwritten) over ``dims`` (``None``: all)."""
+def _agreement_sum(c: Tensor, g32: Tensor, dims: Optional[list[int]], signs: Optional[Tensor] = None) -> Tensor:
+    """:func:`agreement_sum` from ``c`` (overwritten) over ``dims`` (``None``: all), its signs into ``signs``."""
     # sign(c) * g is exact, and a comparison written into float32 (not bool, several times
     # slower on CPU) leaves 0 or 1; a float32 sum of those is exact up to 2**24 elements, hence
     # the callers' chunks. Adding g * 0 (alpha=0) keeps each 0 or 1 and makes it NaN where g
     # is NaN or Inf.
-    agree = torch.gt(c.sign_().mul_(g32), 0.0, out=c)
+    u = c.sign_()
+    if signs is not None:
+        signs.copy_(u)
+    agree = torch.gt(u.mul_(g32), 0.0, out=c)
     return agree.add_(g32, alpha=0.0).sum(dims, dtype=torch.float32)
 
 
@@ -222,21 +238,29 @@ def apply_pieces(
     beta2: float | tuple[Tensor, Tensor],
     draws: Optional[Sequence[Optional[tuple[Optional[Draw], Optional[Draw]]]]] = None,
     scratch: Optional[Scratch] = None,
+    finite: bool = False,
+    signs: Optional[Sequence[Tensor]] = None,
 ) -> None:
     """:func:`apply_update` of one tensor given as matching pieces ``(p, m, g)`` (flat chunks of it, or
     the whole tensors), stepped one after the other, with ``draws[i]`` for piece ``i``.
 
     The eager chunked path steps a tensor chunk by chunk: what does not depend on the piece
-    is done once here, and the loop body is the update itself.
+    is done once here, and the loop body is the update itself. ``finite``: the caller knows
+    that ``keep`` is true (so every gradient element is finite): the gradient is not cleaned.
+    ``signs``: piece ``i``'s update signs as :func:`agreement_sum` wrote them from these very
+    ``m`` and ``g`` (read back instead of computed: -1, 0 and 1 are exact in any dtype).
     """
     factors = _momentum_factors(keep, beta2)
     for i, (p, m, g) in enumerate(pieces):
         g32 = _f32(g, scratch, _G)
         m32 = _f32(m, scratch, _M)
-        u = _interp(m32, g32, beta1, _new(g32, scratch, _C)).sign_()
+        if signs is None:
+            u = _interp(m32, g32, beta1, _new(g32, scratch, _C)).sign_()
+        else:
+            u = signs[i].float() if scratch is None else scratch.take(_C, g32).copy_(signs[i])
         # u * step_size is exact (u is -1, 0 or 1), so addcmul rounds once, as p * decay + u * step_size.
         p32 = _f32(p, scratch, _P).mul_(decay).addcmul_(u, step_size)
-        _momentum(m32, g32, keep, beta2, factors, _new(g32, scratch, _C))  # u is spent: its buffer is free
+        _momentum(m32, g32, keep, beta2, factors, None if finite else _new(g32, scratch, _C), finite)  # u is spent
         piece_draws = draws[i] if draws is not None else None
         draw_p, draw_m = piece_draws if piece_draws is not None else (None, None)
         _store(p, p32, draw_p)
