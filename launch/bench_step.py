@@ -12,6 +12,11 @@ kernel launch on a GPU), on ``meta`` tensors shaped like GPT-2 small and Llama-7
 LionSF's chunked and multi-tensor paths and for AdamW.
 
     python launch/bench_step.py [--blocks 12] [--rounds 11] [--threads 2] [--device cuda] [--count-ops]
+                                [--keep-freed-memory]
+
+``--keep-freed-memory`` pins glibc's malloc to keep freed memory, so that the optimizers
+with large per-step temporaries (AdamW foreach, lion-pytorch's foreach Lion, LionSF's
+multi-tensor path on CPU) run in their fast mode rather than whichever one the process drew.
 
 On a GPU (``--device cuda``) each timed step ends with a device synchronisation and the
 memory column is the step's peak device allocation beyond what the optimizer holds.
@@ -20,6 +25,8 @@ memory column is the step's peak device allocation beyond what the optimizer hol
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import statistics
 import time
 from typing import Callable
@@ -56,6 +63,21 @@ class SeedLoop(torch.optim.Optimizer):
                 scale = (((u * g) > 0).mean(dtype=torch.float32) * 2 - 1).abs()
                 p.add_(u, alpha=-lr * scale.item())
                 m.mul_(b2).add_(g, alpha=1 - b2)
+
+
+def keep_freed_memory() -> None:
+    """Make glibc's malloc serve blocks up to 32 MiB from its heap and never give freed memory back.
+
+    The foreach optimizers allocate hundreds of MiB of temporaries a step; whether glibc maps
+    them afresh each time (page faults: AdamW foreach then takes ~1.4x as long) depends on
+    thresholds it adapts at run time, so one process gets the fast mode and the next the
+    slow one. This pins the fast mode (``mallopt``: M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD).
+    """
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    for option, value in ((m_mmap_threshold, 32 << 20), (m_trim_threshold, 1 << 40), (m_top_pad, 1 << 30)):
+        if libc.mallopt(option, ctypes.c_int(min(value, 2**31 - 1))) != 1:
+            raise SystemExit(f"--keep-freed-memory: mallopt({option}) failed (glibc only)")
 
 
 def peak_rss_kib() -> int:
@@ -153,7 +175,12 @@ def main() -> None:
     ap.add_argument("--skip-compiled", action="store_true", help="leave out the torch.compile path")
     ap.add_argument("--count-ops", action="store_true", help="count dispatched ops per step on meta tensors instead")
     ap.add_argument("--device", default="cpu", help="where parameters, gradients and state live (cpu, cuda)")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="glibc keeps freed memory mapped: optimizers that allocate large temporaries each step "
+                         "reuse them without page faults (their fast mode; by default a process gets one or the other)")
     args = ap.parse_args()
+    if args.keep_freed_memory:
+        keep_freed_memory()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     if args.count_ops:
@@ -207,6 +234,9 @@ def main() -> None:
         print(f"| {name} | {statistics.median(times[name]) * 1e3:.1f} | {ratio(name, 'AdamW fused'):.2f} "
               f"| {ratio(name, 'AdamW foreach'):.2f} | {ratio('seed LionSF loop', name):.1f} "
               f"| {extra[name]:.0f} | {state_bytes_per_param(opts[name], n):.0f} |")
+    if args.keep_freed_memory:
+        print("\n(--keep-freed-memory: memory freed in an earlier step stays resident, so the peak-memory "
+              "column shows only what a step allocates beyond it)")
 
 
 if __name__ == "__main__":

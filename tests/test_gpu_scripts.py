@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -20,9 +22,11 @@ def test_gpu_check_passes_on_cpu() -> None:
     assert "non-blocking step: yes: n/a" in proc.stdout
 
 
-def test_bench_step_takes_a_device() -> None:
+@pytest.mark.parametrize("keep_freed", [False, True], ids=["default-malloc", "keep-freed-memory"])
+def test_bench_step_takes_a_device(keep_freed: bool) -> None:
     proc = subprocess.run([sys.executable, "launch/bench_step.py", "--device", "cpu", "--blocks", "1", "--rounds", "1",
-                           "--threads", "1", "--skip-compiled"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=600)
+                           "--threads", "1", "--skip-compiled"] + (["--keep-freed-memory"] if keep_freed else []),
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "on cpu" in proc.stdout and "| AdamW fused |" in proc.stdout
+    assert ("--keep-freed-memory: memory freed" in proc.stdout) == keep_freed
