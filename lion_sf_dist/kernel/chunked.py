@@ -138,9 +138,11 @@ class Signs:
         return valid
 
 
-def _slot_pieces(slot: Tensor, chunks: Sequence[tuple[int, tuple[Tensor, ...]]]) -> list[Tensor]:
-    """``slot`` (a tensor's flat signs, in the order of its elements) cut as ``chunks`` cut the tensor."""
-    return [slot[start : start + pieces[0].numel()].view(pieces[0].shape) for start, pieces in chunks]
+def _slot_pieces(slot: Tensor, chunks: Sequence[tuple[int, tuple[Tensor, ...]]]) -> Sequence[Tensor]:
+    """``slot`` (a tensor's flat signs, in the order of its elements) cut as :func:`_flat_chunks` cut the tensor."""
+    if len(chunks) == 1:
+        return [slot.view(chunks[0][1][0].shape)]
+    return slot.split(CHUNK)
 
 
 def count(
