@@ -158,7 +158,7 @@ def test_lerp_rounding_is_caught(monkeypatch):
     """docs/CONTRACT.md section 2 pins ``m.mul_(b2).add_(g, alpha=1 - b2)``; a lerp momentum update
     must fail the bitwise check."""
 
-    def apply_lerp(pieces, step_size, decay, keep, beta1, beta2, draws=None, scratch=None, finite=False, signs=None):
+    def apply_lerp(pieces, step_size, decay, keep, beta1, beta2, draws=None, scratch=None, signs=None):
         for p, m, g in pieces:
             u = m.mul(beta1).add_(g, alpha=1.0 - beta1).sign_()
             p.mul_(decay).addcmul_(u, step_size)

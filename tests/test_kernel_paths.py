@@ -59,13 +59,8 @@ def _step(kern: Kernel, ps, ms, gs, transpose_last: bool = False):
 ], ids=["fp32", "bf16", "mixed"])
 @pytest.mark.parametrize("transpose_last", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("chunk", [kernel.chunked.CHUNK, 1000], ids=["one-chunk", "many-chunks"])
-@pytest.mark.parametrize("keep_read", [True, False], ids=["keep-on-host", "keep-on-device"])
-def test_foreach_matches_chunked_bitwise(dtypes, transpose_last, chunk, keep_read, monkeypatch):
-    """The chunked path in both forms: reading ``keep`` on the host (CPU: skipped units untouched,
-    gradients not cleaned) and the select-free one it takes on other devices."""
+def test_foreach_matches_chunked_bitwise(dtypes, transpose_last, chunk, monkeypatch):
     monkeypatch.setattr(kernel.chunked, "CHUNK", chunk)
-    if not keep_read:
-        monkeypatch.setattr(kernel.chunked, "keep_on_host", lambda keep: None)
     ps, ms, gs = _case(dtypes)
     rows_c, ps_c, ms_c = _step(Kernel(False), ps, ms, gs, transpose_last)
     rows_f, ps_f, ms_f = _step(Kernel(False, foreach=True), ps, ms, gs, transpose_last)
@@ -102,24 +97,13 @@ def test_chunked_counts_sum_over_chunks(monkeypatch):
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["chunked", "foreach"])
 def test_without_nan_cleaning_is_caught(monkeypatch, foreach):
-    """Dropping the gradient cleaning of skipped units lets NaN into ``exp_avg``: the comparison must see it
-    (the chunked path in the form it takes off the CPU, where it cannot read ``keep``)."""
-    monkeypatch.setattr(kernel.chunked, "keep_on_host", lambda keep: None)
+    """Dropping the gradient cleaning of skipped units (the chunked path's bit mask, the multi-tensor
+    path's ``nan_to_num_``) lets NaN into ``exp_avg``: the comparison must see it."""
     monkeypatch.setattr(torch.Tensor, "nan_to_num_", lambda self, *a, **k: self)
-    monkeypatch.setattr(torch, "nan_to_num", lambda g, *a, out=None, **k: g if out is None else out.copy_(g))
+    monkeypatch.setattr(torch, "bitwise_and", lambda g, mask, out=None: g if out is None else out.copy_(g))
     ps, ms, gs = _case([torch.float32] * 6)
     _, _, ms_f = _step(Kernel(False, foreach=foreach), ps, ms, gs)
     assert not torch.equal(ms_f[3], ms[3])
-
-
-def test_chunked_host_skip_is_caught(monkeypatch):
-    """On CPU the chunked path leaves skipped units alone instead of cleaning their gradients: stepping
-    them as if they were kept lets NaN and Inf into ``exp_avg``, and the comparison must see it."""
-    monkeypatch.setattr(kernel.chunked, "keep_on_host", lambda keep: [True] * keep.numel())
-    ps, ms, gs = _case([torch.float32] * 6)
-    _, _, ms_c = _step(Kernel(False), ps, ms, gs)
-    for i in (3, 5):
-        assert not torch.equal(ms_c[i], ms[i]), f"exp_avg {i} kept its value"
 
 
 class _Signs(dispatch_mode()):  # type: ignore[misc]
@@ -161,8 +145,7 @@ def test_chunked_apply_reads_the_counted_signs(monkeypatch):
     ps_r, ms_r, signs_r = _chunked_step(ps, ms, gs, kernel.chunked.Signs())
     ps_n, ms_n, signs_n = _chunked_step(ps, ms, gs, None)
     pieces = sum(-(-t.numel() // 1000) for t in ms)  # ceil: the chunks of each tensor
-    stepped = sum(-(-t.numel() // 1000) for i, t in enumerate(ms) if i not in (3, 5))
-    assert signs_r == pieces and signs_n == pieces + stepped
+    assert signs_r == pieces and signs_n == 2 * pieces
     assert all(torch.equal(a, b) for a, b in zip(ps_r + ms_r, ps_n + ms_n))
 
     def flip(gs):
@@ -201,15 +184,11 @@ STACK_BETAS = [(0.9, 0.99)] * 4 + [(0.5, 0.95)] * 2 + [(0.9, 0.99)] * 8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("keep_read", [True, False], ids=["keep-on-host", "keep-on-device"])
-def test_chunked_stacks_match_tensor_by_tensor(dtype, keep_read, monkeypatch):
+def test_chunked_stacks_match_tensor_by_tensor(dtype, monkeypatch):
     """Small tensors of one shape, dtypes and betas are stepped stacked as rows: counts, parameters and
     ``exp_avg`` equal those of the same tensors stepped one by one, bitwise, with a different step,
-    decay and keep per row (two rows skipped for NaN and Inf: inside their stacks where ``keep`` is
-    not read on the host, left out of them where it is). Giving every row the first row's ``keep``
-    is seen, so the comparison can fail."""
-    if not keep_read:
-        monkeypatch.setattr(kernel.chunked, "keep_on_host", lambda keep: None)
+    decay and keep per row (two rows skipped for NaN and Inf). Giving every row the first row's
+    ``keep`` is seen, so the comparison can fail."""
     gen = torch.Generator().manual_seed(5)
     ps = [torch.randn(s, generator=gen).to(dtype) for s in STACK_SHAPES]
     ms = [(torch.randn(s, generator=gen) * 0.1).to(dtype) for s in STACK_SHAPES]
@@ -238,21 +217,16 @@ def test_chunked_stacks_match_tensor_by_tensor(dtype, keep_read, monkeypatch):
         kern.apply(p2, m2, gs, step, decay, keep, beta1s, beta2s)
         return rows, p2, m2
 
-    if keep_read:  # the skipped rows 1 and 7 leave three rows in each group
-        stack_min, stacks = 3, [(3, 2, 3), (3, 4), (3, 8)]
-    else:
-        stack_min, stacks = 4, [(4, 2, 3), (4, 8)]
-    rows_s, ps_s, ms_s = run(stack_min, keep)
-    assert sorted(shapes[: len(stacks)]) == stacks
-    assert len(shapes) == len(stacks) + n - sum(s[0] for s in stacks) - (2 if keep_read else 0)
+    rows_s, ps_s, ms_s = run(4, keep)
+    assert sorted(shapes[:2]) == [(4, 2, 3), (4, 8)] and len(shapes) == 2 + 2 + 3 + 1  # two stacks, 6 alone
     shapes.clear()
     rows_t, ps_t, ms_t = run(10**9, keep)
-    assert len(shapes) == n - (2 if keep_read else 0)
+    assert len(shapes) == n
     assert torch.equal(rows_s, rows_t) and rows_s[:, 1].tolist() == [int(i in (1, 7)) for i in range(n)]
     for i in range(n):
         assert torch.equal(ps_s[i], ps_t[i]) and torch.equal(ms_s[i], ms_t[i]), f"tensor {i} differs"
     assert torch.equal(ps_s[7], ps[7]) and torch.equal(ms_s[7], ms[7])  # a skipped row keeps its values
-    _, ps_w, ms_w = run(stack_min, keep[:1].expand(n))
+    _, ps_w, ms_w = run(4, keep[:1].expand(n))
     assert not all(torch.equal(a, b) and torch.equal(c, d) for a, b, c, d in zip(ps_w, ps_s, ms_w, ms_s))
 
 

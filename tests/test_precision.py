@@ -56,7 +56,7 @@ def test_float32_maths_rounded_once(dtype, foreach):
 def test_bf16_arithmetic_is_caught(monkeypatch):
     """The update computed in bfloat16 (each op rounded) instead of float32 must fail the bitwise check."""
 
-    def apply_bf16(pieces, step_size, decay, keep, beta1, beta2, draws=None, scratch=None, finite=False, signs=None):
+    def apply_bf16(pieces, step_size, decay, keep, beta1, beta2, draws=None, scratch=None, signs=None):
         for p, m, g in pieces:
             u = m.mul(beta1).add_(g, alpha=1.0 - beta1).sign_()
             p.mul_(decay).addcmul_(u, step_size)

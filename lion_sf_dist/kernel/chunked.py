@@ -202,23 +202,16 @@ def apply(
     ``scratch``: where the temporaries go (default: fresh tensors). ``signs``: the update's
     signs :func:`count` recorded, read back where still valid. With stochastic rounding
     nothing is stacked: a piece's random bits follow its elements' positions.
-
-    On CPU, where reading ``keep`` costs no synchronisation, a skipped unit's tensors are
-    not touched at all and a stepping one's gradient is known finite (not cleaned); on
-    other devices every tensor takes the select-free form that serves both.
     """
     a_all, d_all, k_all = values.step_size.unbind(), values.decay.unbind(), values.keep.unbind()
-    known = keep_on_host(values.keep)
     rounding = values.rounding
     todo = range(len(ps)) if only is None else only
-    if known is not None:
-        todo = [i for i in todo if known[i]]
     slots = signs.take(ms, gs, values.beta1s, todo) if signs is not None else {}
     stacks = [] if rounding is not None else _stacks((ps, ms, gs), list(zip(values.beta1s, values.beta2s)), todo)
     for idx in stacks:
         rows = [torch.stack(pick(col, idx)) for col in (a_all, d_all, k_all)]
         betas = values.beta1s[idx[0]], values.beta2s[idx[0]]
-        apply_stacked((pick(ps, idx), pick(ms, idx), pick(gs, idx)), rows, betas, scratch, finite=known is not None)
+        apply_stacked((pick(ps, idx), pick(ms, idx), pick(gs, idx)), rows, betas, scratch)
     stacked = {i for idx in stacks for i in idx}
     for i in todo:
         if i in stacked:
@@ -228,12 +221,7 @@ def apply(
         pieces = [(pc, mc, gc) for _, (pc, mc, gc) in chunks]
         beta1, beta2 = values.beta1s[i], values.beta2s[i]
         read = _slot_pieces(slots[i], chunks) if i in slots else None
-        update.apply_pieces(pieces, a_all[i], d_all[i], k_all[i], beta1, beta2, draws, scratch, known is not None, read)
-
-
-def keep_on_host(keep: Tensor) -> Optional[list[bool]]:
-    """``keep`` as host booleans where reading it costs no synchronisation (a CPU tensor), else ``None``."""
-    return keep.tolist() if keep.device.type == "cpu" else None
+        update.apply_pieces(pieces, a_all[i], d_all[i], k_all[i], beta1, beta2, draws, scratch, read)
 
 
 def apply_stacked(
@@ -241,19 +229,18 @@ def apply_stacked(
     rows: Sequence[Tensor],
     betas: tuple[float | tuple[Tensor, Tensor], float | tuple[Tensor, Tensor]],
     scratch: Optional[update.Scratch] = None,
-    finite: bool = False,
 ) -> None:
     """:func:`~lion_sf_dist.kernel.update.apply_update` of tensors ``(ps, ms, gs)`` of one shape and dtypes,
     stacked as rows, then written back.
 
     ``rows``: ``step_size``, ``decay`` and ``keep``, each ``[K]``, one value per tensor;
     ``betas``: ``(beta1, beta2)`` as :func:`~lion_sf_dist.kernel.update.apply_update` takes them
-    (the compiled path's as ``[K, 1]`` tensors); ``finite``: every row's ``keep`` is true.
+    (the compiled path's as ``[K, 1]`` tensors).
     """
     ps, ms, gs = tensors
     p, m, g = (torch.stack(list(ts)) for ts in tensors)
     shape = (len(ps),) + (1,) * (p.dim() - 1)  # one value per row, broadcast over its elements
     step_size, decay, keep = (r.view(shape) for r in rows)
-    update.apply_pieces([(p, m, g)], step_size, decay, keep, *betas, None, scratch, finite)
+    update.apply_pieces([(p, m, g)], step_size, decay, keep, *betas, None, scratch)
     torch._foreach_copy_(list(ps), list(p.unbind()))
     torch._foreach_copy_(list(ms), list(m.unbind()))

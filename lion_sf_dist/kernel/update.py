@@ -119,32 +119,33 @@ def _momentum(
     g32: Tensor,
     keep: Tensor,
     beta: float | tuple[Tensor, Tensor],
-    factors: tuple[Tensor, Tensor],
+    factors: tuple[Tensor, Tensor, Tensor],
     out: Optional[Tensor],
-    finite: bool = False,
 ) -> Tensor:
     """``m * b + g * (1 - b)`` in place on float32 ``m32`` where ``keep``; ``m32`` unchanged otherwise.
 
     ``factors``: :func:`_momentum_factors` (once per tensor): a skipped unit's ``m`` gets
-    ``m * 1 + 0``, once its gradient's NaN and Inf are zeroed. Eager (``beta`` a float),
-    ``nan_to_num`` (into ``out`` if given) zeroes them, a multiply by ``keep`` and a
-    ``torch.where`` cost more on CPU, and ``addcmul_`` rounds as ``add_(g, alpha=1 - b)``
-    does: one multiply-add. ``finite``: the caller knows ``keep`` is true, so ``g`` is
-    finite and needs no cleaning (on CPU, a quarter of the apply stage's time). Compiled
-    (``beta`` as tensors), a select is a free blend (inductor's CPU loops with
-    ``nan_to_num`` took 1.5x as long a step).
+    ``m * 1 + 0``, once its gradient's NaN and Inf are zeroed. Eager (``beta`` a float), the
+    gradient's bits are ANDed with ``keep``'s mask (into ``out`` if given): a kept unit's
+    gradient is unchanged and a skipped one's becomes +0.0, exactly, in a vectorised
+    integer op (``nan_to_num``, not vectorised on CPU, took twice as long; a multiply by
+    ``keep`` would turn NaN into NaN, and a ``torch.where`` costs more); ``addcmul_`` then
+    rounds as ``add_(g, alpha=1 - b)`` does: one multiply-add. Compiled (``beta`` as
+    tensors), a select is a free blend (inductor's CPU loops with ``nan_to_num`` took 1.5x
+    as long a step).
     """
-    factor, coef = factors
+    factor, coef, bits = factors
     if isinstance(beta, tuple):
         return m32.mul_(factor).add_(torch.where(keep, g32, 0.0) * coef)
-    clean = g32 if finite else torch.nan_to_num(g32, 0.0, 0.0, 0.0, out=out)
-    return m32.mul_(factor).addcmul_(clean, coef)
+    masked = torch.bitwise_and(g32.view(torch.int32), bits, out=None if out is None else out.view(torch.int32))
+    return m32.mul_(factor).addcmul_(masked.view(F32), coef)
 
 
-def _momentum_factors(keep: Tensor, beta: float | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """What ``m`` and the cleaned ``g`` are multiplied by: ``(b, 1 - b)`` where ``keep``, else ``(1, 0)``."""
+def _momentum_factors(keep: Tensor, beta: float | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """What ``m`` and the cleaned ``g`` are multiplied by, ``(b, 1 - b)`` where ``keep``, else ``(1, 0)``, and
+    the int32 mask that cleans ``g`` (all bits where ``keep``, none elsewhere)."""
     b, one_minus_b = beta if isinstance(beta, tuple) else (beta, 1.0 - beta)
-    return torch.where(keep, b, 1.0), torch.where(keep, one_minus_b, 0.0)
+    return torch.where(keep, b, 1.0), torch.where(keep, one_minus_b, 0.0), keep.to(torch.int32).neg()
 
 
 def count_agreement(m: Tensor, g: Tensor, beta1: float | tuple[Tensor, Tensor], rows: bool = False) -> Tensor:
@@ -238,17 +239,15 @@ def apply_pieces(
     beta2: float | tuple[Tensor, Tensor],
     draws: Optional[Sequence[Optional[tuple[Optional[Draw], Optional[Draw]]]]] = None,
     scratch: Optional[Scratch] = None,
-    finite: bool = False,
     signs: Optional[Sequence[Tensor]] = None,
 ) -> None:
     """:func:`apply_update` of one tensor given as matching pieces ``(p, m, g)`` (flat chunks of it, or
     the whole tensors), stepped one after the other, with ``draws[i]`` for piece ``i``.
 
     The eager chunked path steps a tensor chunk by chunk: what does not depend on the piece
-    is done once here, and the loop body is the update itself. ``finite``: the caller knows
-    that ``keep`` is true (so every gradient element is finite): the gradient is not cleaned.
-    ``signs``: piece ``i``'s update signs as :func:`agreement_sum` wrote them from these very
-    ``m`` and ``g`` (read back instead of computed: -1, 0 and 1 are exact in any dtype).
+    is done once here, and the loop body is the update itself. ``signs``: piece ``i``'s
+    update signs as :func:`agreement_sum` wrote them from these very ``m`` and ``g`` (read
+    back instead of computed: -1, 0 and 1 are exact in any dtype).
     """
     factors = _momentum_factors(keep, beta2)
     for i, (p, m, g) in enumerate(pieces):
@@ -260,7 +259,7 @@ def apply_pieces(
             u = signs[i].float() if scratch is None else scratch.take(_C, g32).copy_(signs[i])
         # u * step_size is exact (u is -1, 0 or 1), so addcmul rounds once, as p * decay + u * step_size.
         p32 = _f32(p, scratch, _P).mul_(decay).addcmul_(u, step_size)
-        _momentum(m32, g32, keep, beta2, factors, None if finite else _new(g32, scratch, _C), finite)  # u is spent
+        _momentum(m32, g32, keep, beta2, factors, _new(g32, scratch, _C))  # u is spent: its buffer is free
         piece_draws = draws[i] if draws is not None else None
         draw_p, draw_m = piece_draws if piece_draws is not None else (None, None)
         _store(p, p32, draw_p)
