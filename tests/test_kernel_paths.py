@@ -372,3 +372,7 @@ def test_scratch_hands_out_one_buffer_per_role():
     first, second = scratch.take(0, big), scratch.take(0, big)
     assert first.dtype == torch.float32 and first.data_ptr() != second.data_ptr() != a.data_ptr()
     assert scratch.take(0, torch.empty(8, device="meta")).device.type == "meta"
+    for like in (torch.empty(2, 3), big):  # the int32 view the gradient's bit mask writes through aliases the floats
+        floats, bits = scratch.take_bits(2, like)
+        bits.fill_(0x3F800000)  # the bits of 1.0
+        assert bits.dtype == torch.int32 and bool((floats == 1.0).all()) and floats.shape == like.shape

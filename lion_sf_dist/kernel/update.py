@@ -67,6 +67,7 @@ class Scratch:
         self._limit = limit
         self._by_role: dict[tuple[int, torch.device], Tensor] = {}
         self._views: dict[tuple[int, torch.Size, torch.device], Tensor] = {}
+        self._bit_views: dict[tuple[int, torch.Size, torch.device], Tensor] = {}
 
     def take(self, role: int, like: Tensor) -> Tensor:
         """An uninitialised float32 tensor of ``like``'s shape and device, owned by ``role`` until its next take."""
@@ -83,6 +84,17 @@ class Scratch:
         # A view per shape, made once: making one costs as much as a small piece's arithmetic.
         view = self._views[key] = buffer if like.shape == buffer.shape else buffer[:n].view(like.shape)
         return view
+
+    def take_bits(self, role: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`take`'s tensor and the same memory read as int32 (that view made once per shape)."""
+        floats = self.take(role, like)
+        key = (role, like.shape, like.device)
+        if self._views.get(key) is not floats:  # a fresh tensor (over the limit): a fresh view
+            return floats, floats.view(torch.int32)
+        bits = self._bit_views.get(key)
+        if bits is None:
+            bits = self._bit_views[key] = floats.view(torch.int32)
+        return floats, bits
 
 
 # Roles in a Scratch; the count and apply stages run one after the other and share them.
@@ -120,25 +132,29 @@ def _momentum(
     keep: Tensor,
     beta: float | tuple[Tensor, Tensor],
     factors: tuple[Tensor, Tensor, Tensor],
-    out: Optional[Tensor],
+    out: Optional[tuple[Tensor, Tensor]],
 ) -> Tensor:
     """``m * b + g * (1 - b)`` in place on float32 ``m32`` where ``keep``; ``m32`` unchanged otherwise.
 
     ``factors``: :func:`_momentum_factors` (once per tensor): a skipped unit's ``m`` gets
     ``m * 1 + 0``, once its gradient's NaN and Inf are zeroed. Eager (``beta`` a float), the
-    gradient's bits are ANDed with ``keep``'s mask (into ``out`` if given): a kept unit's
-    gradient is unchanged and a skipped one's becomes +0.0, exactly, in a vectorised
-    integer op (``nan_to_num``, not vectorised on CPU, took twice as long; a multiply by
-    ``keep`` would turn NaN into NaN, and a ``torch.where`` costs more); ``addcmul_`` then
-    rounds as ``add_(g, alpha=1 - b)`` does: one multiply-add. Compiled (``beta`` as
-    tensors), a select is a free blend (inductor's CPU loops with ``nan_to_num`` took 1.5x
-    as long a step).
+    gradient's bits are ANDed with ``keep``'s mask (into ``out``, a float32 tensor and its
+    int32 view, if given): a kept unit's gradient is unchanged and a skipped one's becomes
+    +0.0, exactly, in a vectorised integer op (``nan_to_num``, not vectorised on CPU, took
+    twice as long; a multiply by ``keep`` would leave NaN as NaN, and a ``torch.where``
+    costs more); ``addcmul_`` then rounds as ``add_(g, alpha=1 - b)`` does: one
+    multiply-add. Compiled (``beta`` as tensors), a select is a free blend (inductor's CPU
+    loops with ``nan_to_num`` took 1.5x as long a step).
     """
     factor, coef, bits = factors
     if isinstance(beta, tuple):
         return m32.mul_(factor).add_(torch.where(keep, g32, 0.0) * coef)
-    masked = torch.bitwise_and(g32.view(torch.int32), bits, out=None if out is None else out.view(torch.int32))
-    return m32.mul_(factor).addcmul_(masked.view(F32), coef)
+    if out is None:
+        clean = torch.bitwise_and(g32.view(torch.int32), bits).view(F32)
+    else:
+        clean = out[0]
+        torch.bitwise_and(g32.view(torch.int32), bits, out=out[1])
+    return m32.mul_(factor).addcmul_(clean, coef)
 
 
 def _momentum_factors(keep: Tensor, beta: float | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -259,7 +275,8 @@ def apply_pieces(
             u = signs[i].float() if scratch is None else scratch.take(_C, g32).copy_(signs[i])
         # u * step_size is exact (u is -1, 0 or 1), so addcmul rounds once, as p * decay + u * step_size.
         p32 = _f32(p, scratch, _P).mul_(decay).addcmul_(u, step_size)
-        _momentum(m32, g32, keep, beta2, factors, _new(g32, scratch, _C))  # u is spent: its buffer is free
+        out = None if scratch is None else scratch.take_bits(_C, g32)  # u is spent: its buffer is free
+        _momentum(m32, g32, keep, beta2, factors, out)
         piece_draws = draws[i] if draws is not None else None
         draw_p, draw_m = piece_draws if piece_draws is not None else (None, None)
         _store(p, p32, draw_p)
