@@ -132,7 +132,7 @@ class Signs:
                 continue
             m, g, m_version, g_version, beta1, slot = entry
             unchanged = _torch_private.version(m) == m_version and _torch_private.version(g) == g_version
-            if m is ms[i] and g is gs[i] and unchanged and beta1 == beta1s[i]:
+            if unchanged and beta1 == beta1s[i]:  # the record holds m and g alive: same ids, same tensors
                 valid[i] = slot
         self._records.clear()
         return valid
