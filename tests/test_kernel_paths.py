@@ -230,6 +230,26 @@ def test_chunked_stacks_match_tensor_by_tensor(dtype, monkeypatch):
     assert not all(torch.equal(a, b) and torch.equal(c, d) for a, b, c, d in zip(ps_w, ps_s, ms_w, ms_s))
 
 
+def test_chunked_without_scratch_matches_with_it():
+    """The chunked path as the compiled and multi-tensor paths fall back to it (no scratch buffers, so
+    the gradient's bit mask allocates its own result), on a stack with a skipped row: bitwise the same
+    as with the buffers, and the skipped row keeps its ``exp_avg``."""
+    gen = torch.Generator().manual_seed(0)
+    ps, ms, gs = ([torch.randn(8, generator=gen) for _ in range(5)] for _ in range(3))
+    gs[1][2] = float("nan")
+    keep = torch.tensor([True, False, True, True, True])
+    values = kernel.update.StepValues(
+        torch.where(keep, -0.01, 0.0), torch.where(keep, 0.99, 1.0), keep, (0.9,) * 5, (0.99,) * 5
+    )
+    results = []
+    for scratch in (None, kernel.update.Scratch(kernel.chunked.CHUNK)):
+        p2, m2 = [p.clone() for p in ps], [m.clone() for m in ms]
+        kernel.chunked.apply(p2, m2, gs, values, scratch=scratch)
+        results.append(p2 + m2)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert torch.equal(results[0][5 + 1], ms[1]) and not torch.equal(results[0][5], ms[0])
+
+
 def _meta_case(shapes, dtype=torch.float32):
     meta = torch.device("meta")
     ps = [torch.empty(s, device=meta, dtype=dtype) for s in shapes]
