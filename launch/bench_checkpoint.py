@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import os
 import shutil
 import statistics
@@ -64,6 +65,13 @@ def _stepped(model: nn.Module) -> LionSF:
 
 
 def _timed(fn, distributed: bool) -> float:
+    """Seconds ``fn`` takes (the slowest rank's), after a full garbage collection.
+
+    As ``timeit`` does, the collector's debt is paid before the clock starts: a full
+    collection of this process's objects takes over 100 ms here, and would otherwise fall
+    into whichever run crossed the threshold, with checksums or without.
+    """
+    gc.collect()
     if distributed:
         dist.barrier()
     t0 = time.perf_counter()
