@@ -7,6 +7,7 @@ Nothing else in the package names a private torch attribute or module.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
@@ -182,6 +183,28 @@ def dcp_metadata_pickle_names() -> dict[tuple[str, str], Any]:
     }
 
 
+def tensor_archive(stream: Any) -> Any:
+    """torch's zip-archive reader (``torch._C.PyTorchFileReader``) over ``stream``, one ``torch.save`` archive.
+
+    DCP stores each tensor as a ``torch.save`` archive inside a shard file. Reading it in
+    place, without ``torch.load`` copying its data into a new tensor first, needs the
+    archive's ``data.pkl`` and its data record's offset and size; torch exposes them only
+    through this reader (``torch.load(mmap=True)`` uses it, for whole files only).
+    """
+    return torch._C.PyTorchFileReader(stream)
+
+
+def tensor_rebuild_names() -> dict[tuple[str, str], int]:
+    """How ``torch.save`` pickles a plain tensor: the ``(module, name)`` of each rebuild function, by version.
+
+    A tensor archive's ``data.pkl`` calls ``torch._utils._rebuild_tensor_v2`` (dtypes with a
+    legacy storage class) or ``_rebuild_tensor_v3`` (the others). The unpickler of
+    :mod:`lion_sf_dist.checkpoint.items` maps these names to its own descriptions and never
+    calls them.
+    """
+    return {("torch._utils", "_rebuild_tensor_v2"): 2, ("torch._utils", "_rebuild_tensor_v3"): 3}
+
+
 def names() -> dict[str, bool]:
     """Whether each private name above still exists in the installed torch (pinned by a test)."""
     import torch.fx.experimental._config
@@ -205,6 +228,13 @@ def names() -> dict[str, bool]:
         "OptimizedModule._orig_mod": compiled_inner_module(torch.compile(module)) is module,  # type: ignore[arg-type]
         "FSDP1 _fsdp_flattened": getattr(_common_utils, "FSDP_FLATTENED", None) == "_fsdp_flattened",
         "DCP metadata pickle names": len(dcp_metadata_pickle_names()) == 9,
+        "tensor rebuild functions": all(
+            callable(getattr(importlib.import_module(m), n, None)) for m, n in tensor_rebuild_names()
+        ),
+        "PyTorchFileReader records": all(
+            callable(getattr(torch._C.PyTorchFileReader, m, None))
+            for m in ("get_record", "get_record_offset", "get_record_size", "has_record")
+        ),
     }
 
 

@@ -20,7 +20,6 @@ can write the files can write the manifest too (see the README's trust model).
 from __future__ import annotations
 
 import functools
-import mmap
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -30,10 +29,19 @@ from typing import Callable, Optional, Protocol, Union
 
 import xxhash
 
+from lion_sf_dist.checkpoint.mapping import MappedFile, map_file
+
 Buffer = Union[bytes, bytearray, memoryview]
 
 ALGORITHM = "xxh3-64-16MiB-blocks"  # what saves record
 BLOCK = 16 << 20  # the block of ALGORITHM; tests shrink it to cut small files into many blocks
+
+
+def block_of(algorithm: str) -> Optional[int]:
+    """The block size of a block format (``None``: the file is hashed whole)."""
+    return BLOCK if algorithm == ALGORITHM else None
+
+
 MAX_THREADS = 8  # hashing is bound by memory bandwidth well before this
 
 
@@ -120,63 +128,49 @@ Part = Union[bytes, str]  # what one job yields: a block's digest or a whole fil
 class FileHash:
     """The checksum of one file, cut into independent :attr:`jobs` that any thread may run.
 
-    The jobs of an :data:`ALGORITHM` file are its blocks; a file of an older algorithm is
-    one job. A file that cannot be opened or mapped has no jobs and its :meth:`result` is
-    the error. Holds the file mapped until :meth:`close`.
+    ``file`` is the file mapped, or the ``OSError`` mapping it raised: then there are no
+    jobs and :meth:`result` is the error. The jobs of a block format's file are its blocks;
+    a file of a whole-file algorithm is one job.
 
-    The bytes are hashed where they lie in the page cache, through one read-only memory map
-    of the whole file: reading them into a buffer first costs more than the hash (a 681 MB
-    file: 37 ms to copy, 26 ms to hash, on one core here). A job is then one call that
-    releases the GIL, so it needs the GIL back only once: while the load's own thread runs
-    Python, a hashing thread waits up to the interpreter's switch interval each time it does
-    (a map, a size check and an unmap per block made that three times as slow). The price
-    is the one every memory-mapped reader pays (``safetensors``, ``torch.load(mmap=True)``):
-    a file truncated by another process while it is hashed ends this process with SIGBUS
-    instead of an error. This library never changes a committed checkpoint's files in place.
+    The bytes are hashed where they lie in the page cache, through the file's memory map
+    (:mod:`~lion_sf_dist.checkpoint.mapping`): reading them into a buffer first costs more
+    than the hash (a 681 MB file: 37 ms to copy, 26 ms to hash, on one core here). A job is
+    then one call that releases the GIL, so it needs the GIL back only once: while the
+    load's own thread runs Python, a hashing thread waits up to the interpreter's switch
+    interval each time it does (a map, a size check and an unmap per block made that three
+    times as slow).
     """
 
-    def __init__(self, path: Path, algorithm: str) -> None:
-        self._algorithm = algorithm
-        self._error: Optional[OSError] = None
-        self._mapped: Optional[mmap.mmap] = None
-        size = 0
-        try:
-            with open(path, "rb") as f:  # the mapping outlives the descriptor
-                size = os.fstat(f.fileno()).st_size
-                if size:
-                    self._mapped = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        except OSError as e:
-            self._error = e
-        self._view = memoryview(self._mapped) if self._mapped is not None else memoryview(b"")
-        parts = [(0, size)] if algorithm != ALGORITHM else [(s, min(s + BLOCK, size)) for s in range(0, size, BLOCK)]
+    def __init__(self, file: Union[MappedFile, OSError], algorithm: str) -> None:
+        self._block = block_of(algorithm)
+        self._error = file if isinstance(file, OSError) else None
+        self._view = file.view if isinstance(file, MappedFile) else memoryview(b"")
+        size, block = len(self._view), self._block
+        parts = [(0, size)] if block is None else [(s, min(s + block, size)) for s in range(0, size, block)]
         ranges = [] if self._error is not None else parts
-        self.jobs: list[Callable[[], Part]] = [functools.partial(self._run, start, stop) for start, stop in ranges]
-
-    def _run(self, start: int, stop: int) -> Part:
-        """For :data:`ALGORITHM` (a block) the XXH3-64 digest, else the manifest's hex digest of the whole file."""
-        with self._view[start:stop] as part:
-            if self._algorithm == ALGORITHM:
-                return xxhash.xxh3_64_digest(part)
-            hasher = new(self._algorithm)
-            hasher.update(part)
-            return hasher.hexdigest()
+        self.jobs: list[Callable[[], Part]] = [
+            functools.partial(_hash_part, self._view, start, stop, algorithm) for start, stop in ranges
+        ]  # they hold the view, not this object: no cycle keeps the file mapped
 
     def result(self, parts: list[Part]) -> Union[str, OSError]:
         """The file's checksum from what its :attr:`jobs` yielded, in order, or the error opening it."""
         if self._error is not None:
             return self._error
-        if self._algorithm == ALGORITHM:
+        if self._block is not None:
             return _combined([p for p in parts if isinstance(p, bytes)])
         (whole,) = parts
         assert isinstance(whole, str)
         return whole
 
-    def close(self) -> None:
-        """Unmap the file (after every job has returned)."""
-        self._view.release()
-        if self._mapped is not None:
-            self._mapped.close()
-            self._mapped = None
+
+def _hash_part(view: memoryview, start: int, stop: int, algorithm: str) -> Part:
+    """For a block format the XXH3-64 digest of ``view[start:stop]``, else the manifest's hex digest of it."""
+    with view[start:stop] as part:
+        if block_of(algorithm) is not None:
+            return xxhash.xxh3_64_digest(part)
+        hasher = new(algorithm)
+        hasher.update(part)
+        return hasher.hexdigest()
 
 
 def files_checksums(paths: list[Path], algorithm: str = ALGORITHM) -> list[Union[str, OSError]]:
@@ -185,18 +179,14 @@ def files_checksums(paths: list[Path], algorithm: str = ALGORITHM) -> list[Union
     All jobs of all files (see :class:`FileHash`) run on one pool of threads, one per core
     this process may use (at most :data:`MAX_THREADS`): one large file is hashed in parallel too.
     """
-    hashes = [FileHash(path, algorithm) for path in paths]
-    try:
-        jobs = [job for h in hashes for job in h.jobs]
-        if len(jobs) > 1:
-            with ThreadPoolExecutor(max(1, min(len(jobs), cores(), MAX_THREADS))) as pool:
-                parts = iter(list(pool.map(lambda job: job(), jobs)))
-        else:
-            parts = iter([job() for job in jobs])
-        return [h.result([next(parts) for _ in h.jobs]) for h in hashes]
-    finally:
-        for h in hashes:
-            h.close()
+    hashes = [FileHash(map_file(path), algorithm) for path in paths]
+    jobs = [job for h in hashes for job in h.jobs]
+    if len(jobs) > 1:
+        with ThreadPoolExecutor(max(1, min(len(jobs), cores(), MAX_THREADS))) as pool:
+            parts = iter(list(pool.map(lambda job: job(), jobs)))
+    else:
+        parts = iter([job() for job in jobs])
+    return [h.result([next(parts) for _ in h.jobs]) for h in hashes]
 
 
 def file_checksum(path: Path, algorithm: str = ALGORITHM) -> str:

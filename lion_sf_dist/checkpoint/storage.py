@@ -16,7 +16,12 @@
   starts in the background as soon as the files are known (the local plan, or
   :meth:`SafeReader.start_verifying`), so it overlaps DCP's planning.
 
-Tensor data itself is read by DCP with ``torch.load(weights_only=True)``.
+Tensor data is read in place (:mod:`~lion_sf_dist.checkpoint.items`): each file is mapped
+once, for the hashing and for the read; every item this rank reads is parsed into a view
+of the mapping while the hashing runs, and copied into its running tensor once every rank
+agreed. DCP's ``FileSystemReader`` would ``torch.load`` each item into a new tensor first
+and copy it from there: on the benchmark's 681 MB checkpoint (288 items, one process) its
+read took 265-275 ms, this one 140-150 ms (25 to parse, the rest to copy).
 """
 
 from __future__ import annotations
@@ -30,14 +35,17 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.filesystem import FileSystem
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, SavePlan, SavePlanner
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem, SavePlan, SavePlanner
 
 from lion_sf_dist import _torch_private
 from lion_sf_dist.checkpoint import checksum, comm
 from lion_sf_dist.checkpoint.errors import CheckpointCorruptError, UnsafeCheckpointError
+from lion_sf_dist.checkpoint.items import StoredTensor, view_item
+from lion_sf_dist.checkpoint.mapping import MappedFile, MappedFiles
 from lion_sf_dist.checkpoint.verification import Verification
 
 METADATA = ".metadata"  # the name DCP gives its global metadata file
@@ -193,7 +201,8 @@ class SafeReader(FileSystemReader):
         super().__init__(str(ckpt))
         self._ckpt = ckpt
         self._checksums = checksums
-        self._verification = Verification(ckpt, checksums)
+        self._mapped = MappedFiles(ckpt)
+        self._verification = Verification(ckpt, checksums, self._mapped)
         self._where = where
         self._group = group
         self._metadata: Optional[dcp_metadata.Metadata] = None
@@ -231,23 +240,63 @@ class SafeReader(FileSystemReader):
         return super().prepare_local_plan(plan)
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Any:
-        """Verify every file this rank reads, agree with the other ranks, then let DCP read them."""
+        """Parse every item this rank reads and verify its files, agree with the other ranks, then copy.
 
-        def verify() -> None:
+        Nothing is copied into a running tensor until every rank's items parsed and its
+        files verified; a parse error in a file that fails its checksum is reported as the
+        checksum failure, which names the file.
+        """
+
+        def prepare() -> list[tuple[ReadItem, StoredTensor, Tensor]]:
             wrong = [i.dest_index.fqn for i in plan.items if i.type != LoadItemType.TENSOR]
             if wrong:
                 raise UnsafeCheckpointError(f"{self._where}: entries {wrong} would be unpickled, not read as tensors")
-            self._verification.check(self._files(plan))
+            files = self._files(plan)
+            try:
+                copies = [(item, self._source(item), planner.resolve_tensor(item).detach()) for item in plan.items]
+            except CheckpointCorruptError:
+                self._verification.check(files)
+                raise
+            self._verification.check(files)
+            for item, source, target in copies:
+                if source.shape != target.shape:
+                    raise CheckpointCorruptError(
+                        f"{self._where}: {item.dest_index.fqn!r} at {list(item.dest_offsets)}: the checkpoint holds "
+                        f"{list(source.shape)} elements where the plan reads {list(target.shape)}"
+                    )
+            return copies
 
-        comm.agree(verify, self._group)
-        return super().read_data(plan, planner)
+        try:
+            for item, source, target in comm.agree(prepare, self._group):
+                source.copy_to(target)
+                planner.commit_tensor(item, target)
+        finally:
+            self._mapped.release()
+        done: torch.futures.Future[None] = torch.futures.Future()
+        done.set_result(None)
+        return done
+
+    def _source(self, item: ReadItem) -> StoredTensor:
+        """The checkpoint's part of ``item``, in place in its file's mapping."""
+        info = self.storage_data[item.storage_index]
+        file = self._mapped.get(info.relative_path)
+        where = f"{self._where}: file {info.relative_path!r}, entry {item.storage_index.fqn!r}"
+        if not isinstance(file, MappedFile):
+            raise CheckpointCorruptError(f"{where}: unreadable ({file})") from file
+        whole = view_item(file, info.offset, info.length, where)
+        for dim, (start, size) in enumerate(zip(item.storage_offsets, item.lengths)):
+            if start < 0 or start + size > whole.shape[dim]:
+                raise CheckpointCorruptError(f"{where}: the plan reads past the stored {list(whole.shape)}")
+            whole = whole.narrow(dim, start, size)
+        return whole
 
     def _files(self, plan: LoadPlan) -> list[str]:
         return sorted({self.storage_data[i.storage_index].relative_path for i in plan.items})
 
     def close(self) -> None:
-        """Wait for hashing still running in the background (after a load that failed before reading)."""
+        """Wait for hashing still running in the background (after a load that failed before reading); unmap."""
         self._verification.close()
+        self._mapped.release()
 
 
 class _HashingStream:

@@ -18,18 +18,21 @@ from typing import Optional
 
 from lion_sf_dist.checkpoint import checksum
 from lion_sf_dist.checkpoint.errors import CheckpointCorruptError
+from lion_sf_dist.checkpoint.mapping import MappedFiles
 
 
 class Verification:
     """The files of checkpoint ``ckpt`` checked against ``sums`` (``None``: a manifest without checksums).
 
-    Not thread-safe: one load drives it. :meth:`close` stops the background hashing (jobs
-    not begun are dropped) and closes the files.
+    The files are hashed through ``files``' mappings (by default its own), which a reader
+    then shares. Not thread-safe: one load drives it. :meth:`close` stops the background
+    hashing (jobs not begun are dropped).
     """
 
-    def __init__(self, ckpt: Path, sums: Optional[checksum.Checksums]) -> None:
+    def __init__(self, ckpt: Path, sums: Optional[checksum.Checksums], files: Optional[MappedFiles] = None) -> None:
         self._ckpt = ckpt
         self._sums = sums
+        self._mapped = files if files is not None else MappedFiles(ckpt)
         self._files: dict[str, tuple[checksum.FileHash, list[Future[checksum.Part]]]] = {}
         self._pool: Optional[ThreadPoolExecutor] = None
 
@@ -41,7 +44,7 @@ class Verification:
             if self._pool is None:
                 threads = min(max(1, checksum.cores() - 1), checksum.MAX_THREADS)  # the caller keeps a core
                 self._pool = ThreadPoolExecutor(threads, thread_name_prefix="lion_sf_dist-verify")
-            hashing = checksum.FileHash(self._ckpt / name, self._sums.algorithm)
+            hashing = checksum.FileHash(self._mapped.get(name), self._sums.algorithm)
             self._files[name] = (hashing, [self._pool.submit(job) for job in hashing.jobs])
 
     def check(self, names: list[str]) -> None:
@@ -75,11 +78,10 @@ class Verification:
                 )
 
     def close(self) -> None:
-        """Stop the background hashing (waiting for jobs running) and close the files."""
+        """Stop the background hashing (waiting for jobs running) and let go of the files."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-        for hashing, _ in self._files.values():
-            hashing.close()
+        self._files.clear()
 
 
 def verify_files(ckpt: Path, names: list[str], sums: Optional[checksum.Checksums]) -> None:
