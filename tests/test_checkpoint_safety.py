@@ -86,6 +86,7 @@ def _blocks_reference(data: bytes, block: int) -> str:
 
 _OLDER_FORMATS = {
     "crc32": lambda data: f"{zlib.crc32(data):08x}",  # the first format: eight hex digits
+    "xxh3-64-16MiB-blocks": lambda data: _blocks_reference(data, 16 << 20),
     "xxh3-64": lambda data: xxhash.xxh3_64(data).hexdigest(),  # one hash over the whole file
 }
 
@@ -245,7 +246,7 @@ def test_load_hashes_shards_before_checking_the_model_and_a_failed_load_leaves_n
     assert not hashing, "the background hashing outlived the load"
 
 
-@pytest.mark.parametrize("algorithm", [checksum.ALGORITHM, "xxh3-64", "crc32"])
+@pytest.mark.parametrize("algorithm", [checksum.ALGORITHM, *sorted(_OLDER_FORMATS)])
 def test_one_float_overwritten_with_1e30_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   algorithm: str) -> None:
     monkeypatch.setattr(checksum, "BLOCK", 256)  # the shard file: several blocks, hashed on several threads
@@ -269,7 +270,9 @@ def test_one_float_overwritten_with_1e30_is_named(tmp_path: Path, monkeypatch: p
 
 
 @pytest.mark.parametrize("algorithm", sorted(_OLDER_FORMATS))
-def test_manifest_of_an_earlier_format_still_loads(tmp_path: Path, algorithm: str) -> None:
+def test_manifest_of_an_earlier_format_still_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    algorithm: str) -> None:
+    monkeypatch.setattr(checksum, "BLOCK", 256)  # today's block: an earlier block format must keep its own
     model, opt = _trained()
     _as_format(checkpoint.save(tmp_path, model, opt), algorithm)
     fresh, fresh_opt = _fresh()

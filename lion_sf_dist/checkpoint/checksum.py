@@ -1,16 +1,24 @@
 """Per-file checksums of a checkpoint: computed by each rank over the files it wrote, checked on load.
 
-Saves record ``xxh3-64-16MiB-blocks``: the file is cut into blocks of :data:`BLOCK` bytes
-(the last one shorter), each block hashed with XXH3-64 (``xxhash``, about 24 GB/s on one
-core here), and the file's checksum is the XXH3-64 of the blocks' 8-byte digests in order.
-The writer hashes the blocks as it writes them, in one pass. A load hashes every file it
-uses before the first byte reaches the model, so the hash's speed is the load's overhead:
-blocks are independent, so the load hashes them on several threads (one file of a
-world-size-1 checkpoint included; ``xxhash`` releases the GIL), from the page cache
-without copying them (see :class:`FileHash`).
+Saves record ``xxh3-64-64MiB-blocks``: the file is cut into blocks of :data:`BLOCK` bytes
+(the last one shorter), each block hashed with XXH3-64 (``xxhash``: 50 GB/s on one core
+here from the cache, 10-14 GB/s from memory), and the file's checksum is the XXH3-64 of the
+blocks' 8-byte digests in order. The writer hashes the blocks as it writes them, in one
+pass. A load hashes every file it uses before the first byte reaches the model, so the
+hash's speed is the load's overhead: blocks are independent, so the load hashes them on
+several threads (one file of a world-size-1 checkpoint included; ``xxhash`` releases the
+GIL), from the page cache without copying them (see :class:`FileHash`).
 
-Manifests of earlier formats stay readable: ``xxh3-64`` (one XXH3-64 over the whole
-file) and ``crc32`` (the first format); their files are hashed whole, files in parallel.
+Why 64 MiB: a block is one call that releases the GIL, and its thread needs the GIL back
+when it returns. While the load's own thread runs (it parses and plans meanwhile), each
+such hand-over cost it about half a millisecond on the VMs measured: 16 MiB blocks (the
+previous format; 43 of them for the benchmark's 681 MB file) slowed the load by 10-25 ms,
+64 MiB blocks (11) by a few. A block still hashes in about 5 ms, so the thread that
+checks can share what is left at the end.
+
+Manifests of earlier formats stay readable: ``xxh3-64-16MiB-blocks`` (the same over 16 MiB
+blocks), ``xxh3-64`` (one XXH3-64 over the whole file) and ``crc32`` (the first format);
+the last two are hashed whole, files in parallel.
 
 A checksum detects corruption: bit flips, overwritten or zeroed ranges, a file swapped for
 another one of the same size, blocks swapped within a file. It is not a signature: whoever
@@ -33,13 +41,14 @@ from lion_sf_dist.checkpoint.mapping import MappedFile, map_file
 
 Buffer = Union[bytes, bytearray, memoryview]
 
-ALGORITHM = "xxh3-64-16MiB-blocks"  # what saves record
-BLOCK = 16 << 20  # the block of ALGORITHM; tests shrink it to cut small files into many blocks
+ALGORITHM = "xxh3-64-64MiB-blocks"  # what saves record
+BLOCK = 64 << 20  # the block of ALGORITHM; tests shrink it to cut small files into many blocks
+_EARLIER_BLOCKS = {"xxh3-64-16MiB-blocks": 16 << 20}  # block formats earlier versions recorded
 
 
 def block_of(algorithm: str) -> Optional[int]:
     """The block size of a block format (``None``: the file is hashed whole)."""
-    return BLOCK if algorithm == ALGORITHM else None
+    return BLOCK if algorithm == ALGORITHM else _EARLIER_BLOCKS.get(algorithm)
 
 
 MAX_THREADS = 8  # hashing is bound by memory bandwidth well before this
@@ -67,25 +76,26 @@ class _Crc32:
 
 
 class _Blocks:
-    """The running :data:`ALGORITHM` checksum of a stream: XXH3-64 per block, then of the digests."""
+    """The running checksum of a block format: XXH3-64 per block of ``block`` bytes, then of the digests."""
 
-    def __init__(self) -> None:
+    def __init__(self, block: int) -> None:
+        self._size = block
         self._digests: list[bytes] = []
         self._block = xxhash.xxh3_64()
         self._filled = 0
 
     def update(self, data: Buffer, /) -> None:
         view = memoryview(data).cast("B")
-        if self._filled + len(view) < BLOCK:  # most writes: a zip record's header, inside one block
+        if self._filled + len(view) < self._size:  # most writes: a zip record's header, inside one block
             self._block.update(view)
             self._filled += len(view)
             return
         while len(view):
-            take = min(len(view), BLOCK - self._filled)
+            take = min(len(view), self._size - self._filled)
             self._block.update(view[:take])
             self._filled += take
             view = view[take:]
-            if self._filled == BLOCK:
+            if self._filled == self._size:
                 self._digests.append(self._block.digest())
                 self._block, self._filled = xxhash.xxh3_64(), 0
 
@@ -98,7 +108,12 @@ def _combined(digests: list[bytes]) -> str:
     return xxhash.xxh3_64(b"".join(digests)).hexdigest()
 
 
-_HASHERS: dict[str, Callable[[], Hasher]] = {ALGORITHM: _Blocks, "xxh3-64": xxhash.xxh3_64, "crc32": _Crc32}
+_HASHERS: dict[str, Callable[[], Hasher]] = {
+    ALGORITHM: lambda: _Blocks(BLOCK),
+    **{name: functools.partial(_Blocks, block) for name, block in _EARLIER_BLOCKS.items()},
+    "xxh3-64": xxhash.xxh3_64,
+    "crc32": _Crc32,
+}
 READABLE = frozenset(_HASHERS)  # algorithms a manifest may name
 
 
