@@ -13,6 +13,8 @@ and load with checksums switched off (hashing replaced by nothing, verification 
 difference of two noisy times is noisier still, the median of the paired ratios (each run
 against the one beside it) is printed too, and the time a load waits for its files'
 checksums (median over the runs; hashing starts early and overlaps the load's other work).
+Each run starts after a full garbage collection, and each load after ``os.sync()``, so that
+neither the collector nor the kernel's writeback of the save before it lands in the load.
 ``--cold`` evicts the checkpoint from the page cache before each load, as a restart on
 another node finds it.
 
@@ -156,6 +158,7 @@ def _rank(rank: int, world: int, blocks: int, repeats: int, cold: bool, root: st
             with _verifying_timed(verifying) if on else _checksums_off():
                 times["save", on].append(_timed(lambda: checkpoint.save(root, model, opt, keep=1), True))
                 verifying += [0.0] if on else []
+                os.sync()  # the save's writeback, left to the kernel, would otherwise run during the load
                 if cold and rank == 0:
                     _evict(root)
                 times["load", on].append(_timed(lambda: checkpoint.load(root, model, opt), True))
