@@ -9,7 +9,8 @@ seconds, and MB/s of the checkpoint's size on disk.
 
 The cost of checksums is measured side by side: save and load alternate with the same save
 and load with checksums switched off (hashing replaced by nothing, verification skipped),
-``--repeats`` times each, in alternating order; the fastest of each is compared. Since the
+``--repeats`` times each, in alternating order (``--loads-per-save`` loads after each
+save: a load takes a fraction of a save); the fastest of each is compared. Since the
 difference of two noisy times is noisier still, the median of the paired ratios (each run
 against the one beside it) is printed too, and the time a load waits for its files'
 checksums (median over the runs; hashing starts early and overlaps the load's other work).
@@ -18,7 +19,8 @@ neither the collector nor the kernel's writeback of the save before it lands in 
 ``--cold`` evicts the checkpoint from the page cache before each load, as a restart on
 another node finds it.
 
-    python launch/bench_checkpoint.py [--worlds 1 2 4] [--blocks 12] [--repeats 3] [--cold] [--dir /tmp/ckpt_bench]
+    python launch/bench_checkpoint.py [--worlds 1 2 4] [--blocks 12] [--repeats 3] [--loads-per-save 3] [--cold]
+                                      [--dir /tmp/ckpt_bench]
 """
 
 from __future__ import annotations
@@ -138,7 +140,7 @@ def _paired(with_: list[float], without: list[float]) -> float:
     return statistics.median(a / b - 1 for a, b in zip(with_, without))
 
 
-def _rank(rank: int, world: int, blocks: int, repeats: int, cold: bool, root: str, rendezvous: str) -> None:
+def _rank(rank: int, world: int, blocks: int, repeats: int, loads: int, cold: bool, root: str, rendezvous: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -157,11 +159,12 @@ def _rank(rank: int, world: int, blocks: int, repeats: int, cold: bool, root: st
         for on in (i % 2 == 0, i % 2 == 1):  # alternate which goes first: the disk remembers the last write
             with _verifying_timed(verifying) if on else _checksums_off():
                 times["save", on].append(_timed(lambda: checkpoint.save(root, model, opt, keep=1), True))
-                verifying += [0.0] if on else []
                 os.sync()  # the save's writeback, left to the kernel, would otherwise run during the load
-                if cold and rank == 0:
-                    _evict(root)
-                times["load", on].append(_timed(lambda: checkpoint.load(root, model, opt), True))
+                for _ in range(loads):
+                    verifying += [0.0] if on else []
+                    if cold and rank == 0:
+                        _evict(root)
+                    times["load", on].append(_timed(lambda: checkpoint.load(root, model, opt), True))
     (save, plain_save), (load, plain_load) = ((min(times[op, True]), min(times[op, False])) for op in ("save", "load"))
     slowest = torch.tensor(verifying)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
@@ -189,6 +192,7 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--blocks", type=int, default=12, help="12: 85M parameters")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--loads-per-save", type=int, default=3, help="loads timed after each save (a load is short)")
     parser.add_argument("--dir", default=None)
     parser.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache before each load")
     args = parser.parse_args()
@@ -198,7 +202,8 @@ def main() -> None:
     for world in args.worlds:
         root = base / f"w{world}"
         with tempfile.TemporaryDirectory() as tmp:
-            mp.start_processes(_rank, args=(world, args.blocks, args.repeats, args.cold, str(root), f"{tmp}/store"),
+            mp.start_processes(_rank, args=(world, args.blocks, args.repeats, args.loads_per_save, args.cold, str(root),
+                                            f"{tmp}/store"),
                                nprocs=world, start_method="spawn")
         model = model_of(args.blocks)
         opt = LionSF(model.named_parameters(), lr=1e-4)

@@ -36,15 +36,15 @@ def test_checksums_off_skips_verification_and_is_undone(tmp_path: Path) -> None:
         checkpoint.load(tmp_path, model, opt)
     with bench._checksums_off():
         assert checksum.new().hexdigest() == bench._NoHash().hexdigest()
-        checkpoint.load(tmp_path, model, opt)  # the flipped byte lies in the data: DCP reads it without a check
+        checkpoint.load(tmp_path, model, opt)  # the flipped byte lies in the data: read without a check
     with pytest.raises(checkpoint.CheckpointCorruptError, match=shard.name):
         checkpoint.load(tmp_path, model, opt)
 
 
 def test_bench_checkpoint_runs(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "launch/bench_checkpoint.py", "--worlds", "1", "--blocks", "1",
-                           "--repeats", "2", "--cold", "--dir", str(tmp_path)], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+                           "--repeats", "2", "--loads-per-save", "2", "--cold", "--dir", str(tmp_path)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"checksums ({checksum.ALGORITHM})" in proc.stdout and "paired medians" in proc.stdout, proc.stdout
     assert "W=1 -> 1 process: load" in proc.stdout
