@@ -6,10 +6,10 @@ data into a new tensor, then copies that into the running one. Here an archive i
 in place instead: its zip directory by torch's archive reader, its ``data.pkl`` by an
 unpickler that builds nothing but a description (:class:`_Layout`; allow-list: the two
 tensor-rebuild functions, storage types, dtypes and ``OrderedDict``), and its data record
-becomes a view of the mapping with the described dtype, shape and strides
-(:func:`view_item`). Parsing reads a few hundred bytes per item and changes nothing, so a
-load parses every item while its files are still being hashed, and copies once they are
-verified.
+stays where it is: a view of the mapping with the described shape and strides, held as
+bytes (:class:`StoredTensor`, :func:`view_item`) and copied byte for byte into the running
+tensor. Parsing reads a few hundred bytes per item and changes nothing, so a load parses
+every item while its files are still being hashed, and copies once they are verified.
 
 An archive is untrusted (a checkpoint written before checksums is never verified, and a
 checksum is no signature): every size, stride and offset is checked to lie inside the
