@@ -7,6 +7,7 @@ rank holds empty shards of ``b``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -91,3 +92,13 @@ def assert_same(a: dict[str, Any], b: dict[str, Any], what: str = "") -> None:
             x, y = a[kind][name], b[kind][name]
             assert x.shape == y.shape and x.dtype == y.dtype, f"{what} {kind} {name}: {x.shape} vs {y.shape}"
             assert torch.equal(x, y), f"{what} {kind} {name} differs:\n{x}\n{y}"
+
+
+class WritesAFile:
+    """Unpickles into a call that writes a file: the code a tampered checkpoint file would run."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return exec, (f"open({str(self.target)!r}, 'w').write('ran')",)

@@ -21,7 +21,7 @@ from lion_sf_dist import checkpoint
 from lion_sf_dist.checkpoint import CheckpointCorruptError, UnsafeCheckpointError
 from lion_sf_dist.checkpoint.items import view_item
 from lion_sf_dist.checkpoint.mapping import MappedFile
-from tests.checkpoint_cases import Tiny, assert_same, full_state, make_optimizer, train
+from tests.checkpoint_cases import Tiny, WritesAFile, assert_same, full_state, make_optimizer, train
 
 
 def _archive(obj: object) -> bytes:
@@ -118,14 +118,6 @@ def _pkl_of(archive: bytes) -> bytes:
         return z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
 
 
-class _RunsCode:
-    def __init__(self, target: Path) -> None:
-        self.target = target
-
-    def __reduce__(self):
-        return exec, (f"open({str(self.target)!r}, 'w').write('ran')",)
-
-
 def test_rezipped_archive_still_reads(tmp_path: Path) -> None:
     t = torch.arange(6, dtype=torch.float32)
     archive = _rezip(_archive(t))
@@ -139,7 +131,7 @@ def test_hostile_archives_are_refused_and_run_nothing(tmp_path: Path) -> None:
     assert pkl.count(b"K\x00K\x06\x85") == 1  # storage offset 0, size (6,)
     cases = {
         "parameter": (_archive(nn.Parameter(torch.ones(2))), UnsafeCheckpointError, "is not allowed"),
-        "code": (_archive(_RunsCode(tmp_path / "ran")), UnsafeCheckpointError, "exec is not allowed"),
+        "code": (_archive(WritesAFile(tmp_path / "ran")), UnsafeCheckpointError, "exec is not allowed"),
         "dict": (_archive({"a": torch.ones(2)}), CheckpointCorruptError, "holds a dict, not a tensor"),
         "truncated": (six[: len(six) // 2], CheckpointCorruptError, "unreadable tensor archive"),
         "view past its storage": (_rezip(six, data_pkl=pkl.replace(b"K\x00K\x06\x85", b"K\x00K\xc8\x85")),

@@ -28,7 +28,7 @@ from lion_sf_dist.checkpoint import checksum, store, verification
 from lion_sf_dist.checkpoint.storage import METADATA, uncovered
 from lion_sf_dist.checkpoint.verification import Verification
 from tests import checkpoint_safety_worker as worker
-from tests.checkpoint_cases import Tiny, assert_same, full_state, make_optimizer, train
+from tests.checkpoint_cases import Tiny, WritesAFile, assert_same, full_state, make_optimizer, train
 from tests.harness import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,21 +54,11 @@ def _reseal(ckpt: Path, name: str) -> None:
     (ckpt / store.MANIFEST).write_text(json.dumps(manifest))
 
 
-class _WritesAFile:
-    """Unpickles into a call that writes a file: the code a tampered ``.metadata`` would run."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = target
-
-    def __reduce__(self):
-        return exec, (f"open({str(self.target)!r}, 'w').write('ran')",)
-
-
 def test_malicious_metadata_is_refused_and_its_code_never_runs(tmp_path: Path) -> None:
     model, opt = _trained()
     ckpt = checkpoint.save(tmp_path / "run", model, opt)
     marker = tmp_path / "pwned"
-    (ckpt / METADATA).write_bytes(pickle.dumps(_WritesAFile(marker)))
+    (ckpt / METADATA).write_bytes(pickle.dumps(WritesAFile(marker)))
     _reseal(ckpt, METADATA)
     fresh, fresh_opt = _fresh()
     before = full_state(fresh, fresh_opt)

@@ -255,7 +255,7 @@ class SafeReader(FileSystemReader):
             try:
                 copies = [(item, self._source(item), planner.resolve_tensor(item).detach()) for item in plan.items]
             except CheckpointCorruptError:
-                self._verification.check(files)
+                self._verification.check(files)  # a file failing its checksum explains the parse error: name it
                 raise
             self._verification.check(files)
             for item, source, target in copies:
@@ -266,12 +266,9 @@ class SafeReader(FileSystemReader):
                     )
             return copies
 
-        try:
-            for item, source, target in comm.agree(prepare, self._group):
-                source.copy_to(target)
-                planner.commit_tensor(item, target)
-        finally:
-            self._mapped.release()
+        for item, source, target in comm.agree(prepare, self._group):
+            source.copy_to(target)
+            planner.commit_tensor(item, target)
         done: torch.futures.Future[None] = torch.futures.Future()
         done.set_result(None)
         return done
