@@ -16,6 +16,13 @@ against the one beside it) is printed too, and the time a load waits for its fil
 checksums (median over the runs; hashing starts early and overlaps the load's other work).
 Each run starts after a full garbage collection, and each load after ``os.sync()``, so that
 neither the collector nor the kernel's writeback of the save before it lands in the load.
+
+Side by side, save times follow the disk's writeback (their ratios swing by tens of
+percent between runs), so the save's hashing is also timed inside each save: the seconds
+its running checksums spend on the written bytes, against the save's time. And since a
+load cannot verify its bytes for less than one pass over them, the time one core takes to
+hash a rank's share of the page-cached checkpoint is printed: with no idle core (each rank
+owns one), that pass is what checksums add to a load.
 ``--cold`` evicts the checkpoint from the page cache before each load, as a restart on
 another node finds it.
 
@@ -29,6 +36,7 @@ import argparse
 import contextlib
 import functools
 import gc
+import mmap
 import os
 import shutil
 import statistics
@@ -40,6 +48,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import xxhash
 from torch import nn
 
 from lion_sf_dist import LionSF, checkpoint
@@ -113,6 +122,44 @@ def _verifying_timed(spent: list[float]) -> Iterator[None]:
         Verification.check = check  # type: ignore[method-assign]
 
 
+class _TimedHash:
+    """A save's running checksum that adds the seconds each update takes to ``spent[-1]``."""
+
+    def __init__(self, inner: checksum.Hasher, spent: list[float]) -> None:
+        self._inner, self._spent = inner, spent
+
+    def update(self, data: checksum.Buffer, /) -> None:
+        t0 = time.perf_counter()
+        self._inner.update(data)
+        self._spent[-1] += time.perf_counter() - t0
+
+    def hexdigest(self) -> str:
+        return self._inner.hexdigest()
+
+
+@contextlib.contextmanager
+def _hashing_timed(spent: list[float]) -> Iterator[None]:
+    """Saves add the seconds their checksums take to ``spent[-1]``."""
+    new = checksum.new
+    checksum.new = lambda algorithm=checksum.ALGORITHM: _TimedHash(new(algorithm), spent)
+    try:
+        yield
+    finally:
+        checksum.new = new
+
+
+def _one_core_hash_seconds(ckpt: Path) -> float:
+    """Seconds one thread takes to hash the (page-cached) files of ``ckpt`` with XXH3-64, fastest of 3."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for f in ckpt.iterdir():
+            with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                xxhash.xxh3_64_intdigest(mapped)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 @contextlib.contextmanager
 def _checksums_off() -> Iterator[None]:
     """Saves record a dummy checksum and loads verify nothing: the baseline the cost is measured against."""
@@ -155,10 +202,15 @@ def _rank(rank: int, world: int, blocks: int, repeats: int, loads: int, cold: bo
     opt = _stepped(model)
     times: dict[tuple[str, bool], list[float]] = {(op, on): [] for op in ("save", "load") for on in (True, False)}
     verifying: list[float] = []
+    hashing: list[float] = []  # each checksummed save's seconds spent hashing, then that share of the save
     for i in range(repeats):
         for on in (i % 2 == 0, i % 2 == 1):  # alternate which goes first: the disk remembers the last write
-            with _verifying_timed(verifying) if on else _checksums_off():
+            with _verifying_timed(verifying) if on else _checksums_off(), _hashing_timed(hashing):
+                hashing.append(0.0)
                 times["save", on].append(_timed(lambda: checkpoint.save(root, model, opt, keep=1), True))
+                hashing[-1] /= times["save", on][-1]
+                if not on:
+                    hashing.pop()
                 os.sync()  # the save's writeback, left to the kernel, would otherwise run during the load
                 for _ in range(loads):
                     verifying += [0.0] if on else []
@@ -169,6 +221,9 @@ def _rank(rank: int, world: int, blocks: int, repeats: int, loads: int, cold: bo
     slowest = torch.tensor(verifying)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     verify = statistics.median(slowest.tolist())
+    share = torch.tensor(hashing)
+    dist.all_reduce(share, op=dist.ReduceOp.MAX)
+    in_save = statistics.median(share.tolist())
     handle = []
     blocked = _timed(lambda: handle.append(checkpoint.save_async(root, model, opt)), True)
     background = _timed(lambda: handle[0].wait(), True)
@@ -184,6 +239,7 @@ def _rank(rank: int, world: int, blocks: int, repeats: int, loads: int, cold: bo
               f"load {_paired(times['load', True], times['load', False]):+.1%}; the load waited "
               f"{verify:.3f} s for checksums (slowest rank, median run); the rest of the hashing overlapped "
               f"its other work", flush=True)
+        print(f"  inside the saves, hashing took {in_save:.1%} of each (slowest rank, median run)", flush=True)
     dist.destroy_process_group()
 
 
@@ -209,6 +265,9 @@ def main() -> None:
         opt = LionSF(model.named_parameters(), lr=1e-4)
         t = _timed(functools.partial(checkpoint.load, root, model, opt), False)
         print(f"  W={world} -> 1 process: load {t:.2f} s", flush=True)
+        one_core = _one_core_hash_seconds(checkpoint.latest(root))
+        print(f"  one core hashes the checkpoint in {one_core:.3f} s: a rank's share {one_core / world:.3f} s",
+              flush=True)
     if args.dir is None:
         shutil.rmtree(base)
 

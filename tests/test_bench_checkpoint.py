@@ -41,6 +41,20 @@ def test_checksums_off_skips_verification_and_is_undone(tmp_path: Path) -> None:
         checkpoint.load(tmp_path, model, opt)
 
 
+def test_save_hashing_is_timed_and_unchanged(tmp_path: Path) -> None:
+    """The in-save figure times the checksums the save really computes, and leaves them as they were."""
+    model = Tiny()
+    opt = make_optimizer(model)
+    train(model, opt, range(2))
+    spent: list[float] = []
+    with bench._hashing_timed(spent):
+        spent.append(0.0)
+        checkpoint.save(tmp_path, model, opt)
+    assert spent[-1] > 0.0
+    assert checksum.new().__class__ is not bench._TimedHash
+    checkpoint.load(tmp_path, model, opt)  # verifies every file against the checksums the timed save recorded
+
+
 def test_bench_checkpoint_runs(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "launch/bench_checkpoint.py", "--worlds", "1", "--blocks", "1",
                            "--repeats", "2", "--loads-per-save", "2", "--cold", "--dir", str(tmp_path)],
@@ -48,3 +62,4 @@ def test_bench_checkpoint_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"checksums ({checksum.ALGORITHM})" in proc.stdout and "paired medians" in proc.stdout, proc.stdout
     assert "W=1 -> 1 process: load" in proc.stdout
+    assert "inside the saves, hashing took" in proc.stdout and "one core hashes the checkpoint" in proc.stdout
