@@ -196,3 +196,59 @@ def test_a_parse_error_in_a_corrupt_file_is_reported_as_its_checksum(tmp_path: P
     assert_same(full_state(fresh, fresh_opt), before, "after a refused load")
     gc.collect()  # the exception's traceback held the failed parse's frames, and they the file
     assert _mapped(tmp_path) == [], "a checkpoint file is still mapped after a failed load"
+
+
+def test_a_filesystem_that_cannot_map_files_is_read_instead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where ``mmap`` fails with ENODEV (some FUSE mounts) files are read: saves and loads work, checks still bite."""
+    import errno
+    import mmap
+
+    from lion_sf_dist.checkpoint import mapping
+
+    refused: list[int] = []
+
+    def no_mmap(fileno: int, *args: object, **kwargs: object) -> mmap.mmap:
+        refused.append(fileno)
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(mapping.mmap, "mmap", no_mmap)
+    model, opt = _trained()
+    ckpt = checkpoint.save(tmp_path, model, opt)  # hashes meta.json and extra.pt through the fallback
+    fresh = Tiny(seed=7)
+    fresh_opt = make_optimizer(fresh)
+    checkpoint.load(tmp_path, fresh, fresh_opt)
+    assert refused, "mmap was never tried: the fallback was not exercised"
+    assert_same(full_state(fresh, fresh_opt), full_state(model, opt), "load without mmap")
+
+    shard = next(ckpt.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    before = full_state(fresh, fresh_opt)
+    with pytest.raises(CheckpointCorruptError, match=f"file '{shard.name}' is corrupt"):
+        checkpoint.load(tmp_path, fresh, fresh_opt)
+    assert_same(full_state(fresh, fresh_opt), before, "after a refused load without mmap")
+
+    with open(shard, "rb") as f:  # a file that shrank after its size was taken is read as far as it goes
+        assert bytes(mapping._mapped(f, len(data) + 100)) == bytes(data)
+
+
+def test_other_mapping_errors_are_not_read_around(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only "this filesystem cannot map" falls back; any other mapping error names the file as unreadable."""
+    import errno
+
+    from lion_sf_dist.checkpoint import mapping
+
+    model, opt = _trained()
+    checkpoint.save(tmp_path, model, opt)
+
+    def failing(*args: object, **kwargs: object) -> object:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(mapping.mmap, "mmap", failing)
+    fresh = Tiny(seed=7)
+    fresh_opt = make_optimizer(fresh)
+    before = full_state(fresh, fresh_opt)
+    with pytest.raises(CheckpointCorruptError, match="unreadable.*Cannot allocate memory"):
+        checkpoint.load(tmp_path, fresh, fresh_opt)
+    assert_same(full_state(fresh, fresh_opt), before, "after a load whose files could not be mapped")
