@@ -322,7 +322,8 @@ def test_failed_load_changes_nothing_including_checkpoint_hparams(tmp_path: Path
     fresh, fresh_opt = _trained(3, seed=5)
     fresh_opt.param_groups[0]["lr"], fresh_opt.pow = 5e-3, 1.0
     before = full_state(fresh, fresh_opt)
-    with pytest.raises(checkpoint.CheckpointCorruptError, match=shard.name):
+    with pytest.raises(checkpoint.CheckpointCorruptError, match=shard.name), pytest.warns(
+            UserWarning, match="the checkpoint's values apply once the load succeeds"):
         checkpoint.load(tmp_path, fresh, fresh_opt, hparams="checkpoint")
     assert_same(full_state(fresh, fresh_opt), before, "after a failed load")
     assert (fresh_opt.param_groups[0]["lr"], fresh_opt.pow) == (5e-3, 1.0)
