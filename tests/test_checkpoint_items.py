@@ -6,6 +6,7 @@ hostile archives are built from real ``torch.save`` output, recombined.
 
 from __future__ import annotations
 
+import functools
 import gc
 import io
 import os
@@ -252,3 +253,22 @@ def test_other_mapping_errors_are_not_read_around(tmp_path: Path, monkeypatch: p
     with pytest.raises(CheckpointCorruptError, match="unreadable.*Cannot allocate memory"):
         checkpoint.load(tmp_path, fresh, fresh_opt)
     assert_same(full_state(fresh, fresh_opt), before, "after a load whose files could not be mapped")
+
+
+def test_a_record_reaches_its_target_in_one_copy(tmp_path: Path) -> None:
+    """Same dtype: one ``copy_`` from the mapping and nothing allocated (on a GPU, one host-to-device
+    copy per record); another dtype: one aligned clone, then the converting copy."""
+    from lion_sf_dist.opcount import count_ops
+
+    base = torch.randn(6, 10)
+    file, spans = _file_of(tmp_path, [_archive(base), _archive(base.t())])
+    for span, shape in zip(spans, [(6, 10), (10, 6)]):
+        stored = view_item(file, *span, "test")
+        target = torch.empty(shape)
+        ops = count_ops(functools.partial(stored.copy_to, target)).ops
+        assert ops["copy_"] == 1 and not {"clone", "empty", "empty_strided", "_to_copy", "contiguous"} & set(ops), ops
+        assert torch.equal(target, base if shape == (6, 10) else base.t())
+    converted = torch.empty(6, 10, dtype=torch.float64)
+    ops = count_ops(lambda: view_item(file, *spans[0], "test").copy_to(converted)).ops
+    assert ops["clone"] == 1 and ops["copy_"] == 1, ops
+    assert torch.equal(converted, base.double())
