@@ -16,6 +16,8 @@ against the one beside it) is printed too, and the time a load waits for its fil
 checksums (median over the runs; hashing starts early and overlaps the load's other work).
 Each run starts after a full garbage collection, and each load after ``os.sync()``, so that
 neither the collector nor the kernel's writeback of the save before it lands in the load.
+``--cold`` evicts the checkpoint from the page cache before each load, as a restart on
+another node finds it.
 
 Side by side, save times follow the disk's writeback (their ratios swing by tens of
 percent between runs), so the save's hashing is also timed inside each save: the seconds
@@ -23,8 +25,6 @@ its running checksums spend on the written bytes, against the save's time. And s
 load cannot verify its bytes for less than one pass over them, the time one core takes to
 hash a rank's share of the page-cached checkpoint is printed: with no idle core (each rank
 owns one), that pass is what checksums add to a load.
-``--cold`` evicts the checkpoint from the page cache before each load, as a restart on
-another node finds it.
 
     python launch/bench_checkpoint.py [--worlds 1 2 4] [--blocks 12] [--repeats 3] [--loads-per-save 3] [--cold]
                                       [--dir /tmp/ckpt_bench]
@@ -154,6 +154,8 @@ def _one_core_hash_seconds(ckpt: Path) -> float:
     for _ in range(3):
         t0 = time.perf_counter()
         for f in ckpt.iterdir():
+            if not f.stat().st_size:  # nothing to hash, and an empty file cannot be mapped
+                continue
             with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 xxhash.xxh3_64_intdigest(mapped)
         best = min(best, time.perf_counter() - t0)
