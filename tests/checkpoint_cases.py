@@ -94,6 +94,14 @@ def assert_same(a: dict[str, Any], b: dict[str, Any], what: str = "") -> None:
             assert torch.equal(x, y), f"{what} {kind} {name} differs:\n{x}\n{y}"
 
 
+def trained(steps: int = 2, seed: int = 0) -> tuple[Tiny, LionSF]:
+    """A :class:`Tiny` (``seed``) and its optimizer after ``steps`` steps: every kind of state non-zero."""
+    model = Tiny(seed)
+    opt = make_optimizer(model)
+    train(model, opt, range(steps))
+    return model, opt
+
+
 class WritesAFile:
     """Unpickles into a call that writes a file: the code a tampered checkpoint file would run."""
 

@@ -15,7 +15,7 @@ import pytest
 
 from lion_sf_dist import checkpoint
 from lion_sf_dist.checkpoint import checksum
-from tests.checkpoint_cases import Tiny, make_optimizer, train
+from tests.checkpoint_cases import trained
 from tests.test_train import ENV, ROOT
 
 sys.path.insert(0, str(ROOT / "launch"))
@@ -25,9 +25,7 @@ sys.path.remove(str(ROOT / "launch"))
 
 
 def test_checksums_off_skips_verification_and_is_undone(tmp_path: Path) -> None:
-    model = Tiny()
-    opt = make_optimizer(model)
-    train(model, opt, range(2))
+    model, opt = trained()
     shard = next(checkpoint.save(tmp_path, model, opt).glob("*.distcp"))
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -43,9 +41,7 @@ def test_checksums_off_skips_verification_and_is_undone(tmp_path: Path) -> None:
 
 def test_save_hashing_is_timed_and_unchanged(tmp_path: Path) -> None:
     """The in-save figure times the checksums the save really computes, and leaves them as they were."""
-    model = Tiny()
-    opt = make_optimizer(model)
-    train(model, opt, range(2))
+    model, opt = trained()
     spent: list[float] = []
     with bench._hashing_timed(spent):
         spent.append(0.0)

@@ -16,16 +16,10 @@ import torch
 from lion_sf_dist import LionSF, checkpoint
 from lion_sf_dist.checkpoint import store
 from lion_sf_dist.checkpoint.fragments import flat_range_boxes
-from tests.checkpoint_cases import Tiny, assert_same, full_state, make_optimizer, train
+from tests.checkpoint_cases import Tiny, assert_same, full_state, make_optimizer, train, trained
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _trained(steps: int = 2, seed: int = 0) -> tuple[Tiny, LionSF]:
-    model = Tiny(seed)
-    opt = make_optimizer(model)
-    train(model, opt, range(steps))
-    return model, opt
 
 
 def _fresh() -> tuple[Tiny, LionSF]:
@@ -36,7 +30,7 @@ def _fresh() -> tuple[Tiny, LionSF]:
 @pytest.fixture
 def saved(tmp_path: Path) -> tuple[Path, dict]:
     """A root holding one checkpoint, and the full state it holds."""
-    model, opt = _trained()
+    model, opt = trained()
     checkpoint.save(tmp_path / "run", model, opt, extra={"step": 2})
     return tmp_path / "run", full_state(model, opt)
 
@@ -71,7 +65,7 @@ def test_truncated_shard_named(saved: tuple[Path, dict]) -> None:
 
 def test_missing_shard_named_and_previous_suggested(saved: tuple[Path, dict]) -> None:
     root, first = saved
-    model, opt = _trained(3)
+    model, opt = trained(3)
     checkpoint.save(root, model, opt)
     shard = _shard(root)
     shard.unlink()
@@ -118,7 +112,7 @@ def test_different_optimizer(saved: tuple[Path, dict]) -> None:
 
 
 def test_params_only_checkpoint_needs_fresh_state(tmp_path: Path) -> None:
-    model, _ = _trained()
+    model, _ = trained()
     checkpoint.save(tmp_path, model, None)
     with pytest.raises(checkpoint.OptimizerMismatchError, match="no optimizer state .saved with optimizer=None"):
         checkpoint.load(tmp_path, *_fresh())
@@ -129,7 +123,7 @@ def test_params_only_checkpoint_needs_fresh_state(tmp_path: Path) -> None:
 
 def test_fresh_state_restart(saved: tuple[Path, dict]) -> None:
     root, first = saved
-    model, opt = _trained(seed=3)  # holds non-zero exp_avg and agreement averages of its own
+    model, opt = trained(seed=3)  # holds non-zero exp_avg and agreement averages of its own
     checkpoint.load(root, model, opt, optimizer_state=False)
     state = full_state(model, opt)
     assert_same({k: state[k] for k in ("params", "buffers")}, {k: first[k] for k in ("params", "buffers")}, "fresh")
@@ -158,7 +152,7 @@ def test_hyper_parameters_running_wins_by_default(saved: tuple[Path, dict]) -> N
 
 
 def test_keep_last_and_latest(tmp_path: Path) -> None:
-    model, opt = _trained()
+    model, opt = trained()
     for step in range(4):
         checkpoint.save(tmp_path, model, opt, extra={"step": step}, keep=2)
     assert sorted(d.name for d in tmp_path.iterdir() if d.name != store.LOCK) == ["ckpt-00000002", "ckpt-00000003"]
@@ -167,7 +161,7 @@ def test_keep_last_and_latest(tmp_path: Path) -> None:
 
 
 def test_extra_round_trip_and_weights_only(tmp_path: Path) -> None:
-    model, opt = _trained()
+    model, opt = trained()
     rng = torch.get_rng_state()
     checkpoint.save(tmp_path / "a", model, opt, extra={"step": 5, "rng": rng, "pos": [3, 4]})
     extra = checkpoint.load(tmp_path / "a", *_fresh())
@@ -194,7 +188,7 @@ def _fail(*args, **kwargs):
 def test_failed_save_leaves_previous_loadable(saved: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch,
                                              stage: str) -> None:
     root, first = saved
-    model, opt = _trained(4)
+    model, opt = trained(4)
     with monkeypatch.context() as m:
         if stage == "shard write":
             m.setattr("torch.distributed.checkpoint.filesystem._write_item", _fail)
@@ -240,7 +234,7 @@ def test_flat_range_boxes_tile_the_range_in_order(shape: tuple[int, ...]) -> Non
 
 
 def test_async_save_writes_the_state_of_its_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model, opt = _trained()
+    model, opt = trained()
     at_call = full_state(model, opt)
     started, release = threading.Event(), threading.Event()
     real_write = checkpoint.api.write
@@ -264,7 +258,7 @@ def test_async_save_writes_the_state_of_its_call(tmp_path: Path, monkeypatch: py
 
 
 def test_async_save_failure_raised_by_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model, opt = _trained()
+    model, opt = trained()
     monkeypatch.setattr("torch.distributed.checkpoint.filesystem._write_item", _fail)
     handle = checkpoint.save_async(tmp_path, model, opt)
     with pytest.raises(checkpoint.CheckpointError, match="(?s)asynchronous save .* failed.*injected failure"):
@@ -275,7 +269,7 @@ def test_async_save_failure_raised_by_wait(tmp_path: Path, monkeypatch: pytest.M
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_model_uses_plain_names(tmp_path: Path) -> None:
-    model, opt = _trained()
+    model, opt = trained()
     checkpoint.save(tmp_path, torch.compile(model), opt)  # parameters named "_orig_mod.a.weight" there
     fresh, fresh_opt = _fresh()
     checkpoint.load(tmp_path, fresh, fresh_opt)

@@ -6,9 +6,11 @@ hostile archives are built from real ``torch.save`` output, recombined.
 
 from __future__ import annotations
 
+import errno
 import functools
 import gc
 import io
+import mmap
 import os
 import sys
 import zipfile
@@ -19,10 +21,11 @@ import torch
 from torch import nn
 
 from lion_sf_dist import checkpoint
-from lion_sf_dist.checkpoint import CheckpointCorruptError, UnsafeCheckpointError
+from lion_sf_dist.checkpoint import CheckpointCorruptError, UnsafeCheckpointError, mapping
 from lion_sf_dist.checkpoint.items import view_item
 from lion_sf_dist.checkpoint.mapping import MappedFile
-from tests.checkpoint_cases import Tiny, WritesAFile, assert_same, full_state, make_optimizer, train
+from lion_sf_dist.opcount import count_ops
+from tests.checkpoint_cases import Tiny, WritesAFile, assert_same, full_state, make_optimizer, trained
 
 
 def _archive(obj: object) -> bytes:
@@ -154,12 +157,6 @@ def test_hostile_archives_are_refused_and_run_nothing(tmp_path: Path) -> None:
         view_item(file, offset, length + 100, "test")
 
 
-def _trained() -> tuple[Tiny, torch.optim.Optimizer]:
-    model = Tiny(0)
-    opt = make_optimizer(model)
-    train(model, opt, range(2))
-    return model, opt
-
 
 def _mapped(path: Path) -> list[str]:
     """The lines of this process's memory map that map a file under ``path``."""
@@ -167,7 +164,7 @@ def _mapped(path: Path) -> list[str]:
 
 
 def test_load_reads_in_place_and_unmaps_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model, opt = _trained()
+    model, opt = trained()
     checkpoint.save(tmp_path, model, opt)
 
     def dcp_read(*args: object, **kwargs: object) -> None:
@@ -182,7 +179,7 @@ def test_load_reads_in_place_and_unmaps_its_files(tmp_path: Path, monkeypatch: p
 
 
 def test_a_parse_error_in_a_corrupt_file_is_reported_as_its_checksum(tmp_path: Path) -> None:
-    model, opt = _trained()
+    model, opt = trained()
     ckpt = checkpoint.save(tmp_path, model, opt)
     shard = next(ckpt.glob("*.distcp"))
     data = bytearray(shard.read_bytes())
@@ -201,11 +198,6 @@ def test_a_parse_error_in_a_corrupt_file_is_reported_as_its_checksum(tmp_path: P
 
 def test_a_filesystem_that_cannot_map_files_is_read_instead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where ``mmap`` fails with ENODEV (some FUSE mounts) files are read: saves and loads work, checks still bite."""
-    import errno
-    import mmap
-
-    from lion_sf_dist.checkpoint import mapping
-
     refused: list[int] = []
 
     def no_mmap(fileno: int, *args: object, **kwargs: object) -> mmap.mmap:
@@ -213,7 +205,7 @@ def test_a_filesystem_that_cannot_map_files_is_read_instead(tmp_path: Path, monk
         raise OSError(errno.ENODEV, "No such device")
 
     monkeypatch.setattr(mapping.mmap, "mmap", no_mmap)
-    model, opt = _trained()
+    model, opt = trained()
     ckpt = checkpoint.save(tmp_path, model, opt)  # hashes meta.json and extra.pt through the fallback
     fresh = Tiny(seed=7)
     fresh_opt = make_optimizer(fresh)
@@ -231,16 +223,12 @@ def test_a_filesystem_that_cannot_map_files_is_read_instead(tmp_path: Path, monk
     assert_same(full_state(fresh, fresh_opt), before, "after a refused load without mmap")
 
     with open(shard, "rb") as f:  # a file that shrank after its size was taken is read as far as it goes
-        assert bytes(mapping._mapped(f, len(data) + 100)) == bytes(data)
+        assert bytes(mapping._file_bytes(f, len(data) + 100)) == bytes(data)
 
 
 def test_other_mapping_errors_are_not_read_around(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Only "this filesystem cannot map" falls back; any other mapping error names the file as unreadable."""
-    import errno
-
-    from lion_sf_dist.checkpoint import mapping
-
-    model, opt = _trained()
+    model, opt = trained()
     checkpoint.save(tmp_path, model, opt)
 
     def failing(*args: object, **kwargs: object) -> object:
@@ -258,8 +246,6 @@ def test_other_mapping_errors_are_not_read_around(tmp_path: Path, monkeypatch: p
 def test_a_record_reaches_its_target_in_one_copy(tmp_path: Path) -> None:
     """Same dtype: one ``copy_`` from the mapping and nothing allocated (on a GPU, one host-to-device
     copy per record); another dtype: one aligned clone, then the converting copy."""
-    from lion_sf_dist.opcount import count_ops
-
     base = torch.randn(6, 10)
     file, spans = _file_of(tmp_path, [_archive(base), _archive(base.t())])
     for span, shape in zip(spans, [(6, 10), (10, 6)]):

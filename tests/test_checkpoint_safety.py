@@ -28,17 +28,11 @@ from lion_sf_dist.checkpoint import checksum, store, verification
 from lion_sf_dist.checkpoint.storage import METADATA, uncovered
 from lion_sf_dist.checkpoint.verification import Verification
 from tests import checkpoint_safety_worker as worker
-from tests.checkpoint_cases import Tiny, WritesAFile, assert_same, full_state, make_optimizer, train
+from tests.checkpoint_cases import Tiny, WritesAFile, assert_same, full_state, make_optimizer, train, trained
 from tests.harness import run
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _trained(steps: int = 2, seed: int = 0) -> tuple[Tiny, torch.optim.Optimizer]:
-    model = Tiny(seed)
-    opt = make_optimizer(model)
-    train(model, opt, range(steps))
-    return model, opt
 
 
 def _fresh() -> tuple[Tiny, torch.optim.Optimizer]:
@@ -55,7 +49,7 @@ def _reseal(ckpt: Path, name: str) -> None:
 
 
 def test_malicious_metadata_is_refused_and_its_code_never_runs(tmp_path: Path) -> None:
-    model, opt = _trained()
+    model, opt = trained()
     ckpt = checkpoint.save(tmp_path / "run", model, opt)
     marker = tmp_path / "pwned"
     (ckpt / METADATA).write_bytes(pickle.dumps(WritesAFile(marker)))
@@ -220,7 +214,7 @@ def test_verification_started_early_sees_a_change_made_before_the_check(tmp_path
 
 def test_load_hashes_shards_before_checking_the_model_and_a_failed_load_leaves_no_thread(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ckpt = checkpoint.save(tmp_path, *_trained())
+    ckpt = checkpoint.save(tmp_path, *trained())
     started: list[list[str]] = []
     real_start = Verification.start
     monkeypatch.setattr(Verification, "start", lambda self, names: started.append(names) or real_start(self, names))
@@ -240,7 +234,7 @@ def test_load_hashes_shards_before_checking_the_model_and_a_failed_load_leaves_n
 def test_one_float_overwritten_with_1e30_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   algorithm: str) -> None:
     monkeypatch.setattr(checksum, "BLOCK", 256)  # the shard file: several blocks, hashed on several threads
-    model, opt = _trained()
+    model, opt = trained()
     ckpt = checkpoint.save(tmp_path, model, opt)
     if algorithm != checksum.ALGORITHM:
         _as_format(ckpt, algorithm)
@@ -263,7 +257,7 @@ def test_one_float_overwritten_with_1e30_is_named(tmp_path: Path, monkeypatch: p
 def test_manifest_of_an_earlier_format_still_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     algorithm: str) -> None:
     monkeypatch.setattr(checksum, "BLOCK", 256)  # today's block: an earlier block format must keep its own
-    model, opt = _trained()
+    model, opt = trained()
     _as_format(checkpoint.save(tmp_path, model, opt), algorithm)
     fresh, fresh_opt = _fresh()
     checkpoint.load(tmp_path, fresh, fresh_opt)
@@ -271,7 +265,7 @@ def test_manifest_of_an_earlier_format_still_loads(tmp_path: Path, monkeypatch: 
 
 
 def test_manifest_naming_an_unknown_checksum_is_refused(tmp_path: Path) -> None:
-    ckpt = checkpoint.save(tmp_path, *_trained())
+    ckpt = checkpoint.save(tmp_path, *trained())
     manifest = json.loads((ckpt / store.MANIFEST).read_text())
     manifest["checksum"] = "md4"
     (ckpt / store.MANIFEST).write_text(json.dumps(manifest))
@@ -283,7 +277,7 @@ def test_manifest_naming_an_unknown_checksum_is_refused(tmp_path: Path) -> None:
 
 
 def test_shards_not_covering_a_tensor_are_refused(tmp_path: Path) -> None:
-    model, opt = _trained()
+    model, opt = trained()
     ckpt = checkpoint.save(tmp_path, model, opt)
     md = pickle.loads((ckpt / METADATA).read_bytes())  # our own file, read to forge a torn one
     entry = md.state_dict_metadata["param/a.weight"]
@@ -313,13 +307,13 @@ def test_coverage_of_chunks(boxes: list, why: str) -> None:
 
 
 def test_failed_load_changes_nothing_including_checkpoint_hparams(tmp_path: Path) -> None:
-    model, opt = _trained()
+    model, opt = trained()
     ckpt = checkpoint.save(tmp_path, model, opt)
     shard = next(ckpt.glob("*.distcp"))
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    fresh, fresh_opt = _trained(3, seed=5)
+    fresh, fresh_opt = trained(3, seed=5)
     fresh_opt.param_groups[0]["lr"], fresh_opt.pow = 5e-3, 1.0
     before = full_state(fresh, fresh_opt)
     with pytest.raises(checkpoint.CheckpointCorruptError, match=shard.name), pytest.warns(
@@ -397,7 +391,7 @@ def test_async_save_then_destroy_process_group_commits_all_shards(tmp_path: Path
 
 @pytest.mark.parametrize("keep", [True, 1.5, 0, -1, "3"])
 def test_bad_keep_refused_before_writing(tmp_path: Path, keep: object) -> None:
-    model, opt = _trained()
+    model, opt = trained()
     with pytest.raises(ValueError, match="keep must be an int >= 1 or None"):
         checkpoint.save(tmp_path / "run", model, opt, keep=keep)
     with pytest.raises(ValueError, match="keep must be an int >= 1 or None"):
@@ -406,7 +400,7 @@ def test_bad_keep_refused_before_writing(tmp_path: Path, keep: object) -> None:
 
 
 def test_prune_failure_is_a_warning_and_the_save_succeeded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model, opt = _trained()
+    model, opt = trained()
     checkpoint.save(tmp_path, model, opt, keep=1)
 
     def denied(*args: object, **kwargs: object) -> None:
@@ -423,7 +417,7 @@ def test_prune_failure_is_a_warning_and_the_save_succeeded(tmp_path: Path, monke
 
 
 def test_checkpoint_without_checksums_loads_with_a_warning(tmp_path: Path) -> None:
-    model, opt = _trained()
+    model, opt = trained()
     ckpt = checkpoint.save(tmp_path, model, opt)
     manifest = json.loads((ckpt / store.MANIFEST).read_text())
     (ckpt / store.MANIFEST).write_text(json.dumps({"files": manifest["files"]}))  # as written before checksums
@@ -439,7 +433,7 @@ def test_filesystem_without_locks_is_a_named_error(tmp_path: Path, monkeypatch: 
 
     monkeypatch.setattr(store.fcntl, "flock", no_locks)
     with pytest.raises(checkpoint.CheckpointLockError, match="no flock; keep one writer per checkpoint root"):
-        checkpoint.save(tmp_path, *_trained())
+        checkpoint.save(tmp_path, *trained())
     assert not store.complete(tmp_path)
 
 
@@ -448,7 +442,7 @@ def test_shard_checksums_computed_while_writing_match_the_files(tmp_path: Path,
     read_back = []
     real = checksum.file_checksum
     monkeypatch.setattr(checksum, "file_checksum", lambda path: read_back.append(path.name) or real(path))
-    ckpt = checkpoint.save(tmp_path, *_trained())
+    ckpt = checkpoint.save(tmp_path, *trained())
     assert sorted(read_back) == sorted([METADATA, store.META, store.EXTRA])  # shards: hashed as written
     sums = json.loads((ckpt / store.MANIFEST).read_text())["checksums"]
     assert any(n.endswith(".distcp") for n in sums)

@@ -39,7 +39,7 @@ class MappedFile:
     def __init__(self, path: Path) -> None:
         with open(path, "rb") as f:  # the mapping outlives the descriptor
             self.size = os.fstat(f.fileno()).st_size
-            self._bytes: Optional[Union[mmap.mmap, bytearray]] = _mapped(f, self.size) if self.size else None
+            self._bytes: Optional[Union[mmap.mmap, bytearray]] = _file_bytes(f, self.size) if self.size else None
         self.view = memoryview(self._bytes if self._bytes is not None else b"")
         self._tensor: Optional[Tensor] = None
 
@@ -54,7 +54,7 @@ class MappedFile:
         return self._tensor
 
 
-def _mapped(f: io.BufferedReader, size: int) -> Union[mmap.mmap, bytearray]:
+def _file_bytes(f: io.BufferedReader, size: int) -> Union[mmap.mmap, bytearray]:
     """The first ``size`` bytes of open file ``f`` mapped copy-on-write or, where its filesystem
     cannot map files, read (a file that shrank meanwhile is read as far as it goes)."""
     try:
